@@ -1,0 +1,208 @@
+"""Sample digits from a trained model, optionally with a LoRA adapter, and plot the denoising (blog part 11).
+
+    python denoise.py                              # outputs/denoise_process.png and outputs/samples.png
+    python denoise.py --labels 3,3,7 --per-label 4 --sampler ddpm
+    python denoise.py --lora lora.pt --merge       # fold the adapter into the weights first
+    python denoise.py --per-label 100 --save-samples s.pt      # for bench/evaluate.py
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from config import UserError, atomic_save, atomic_write, check_output_path, pick_device, run_main
+from diffusion import Schedule, backward_denoise, to_uint8
+
+GIF_FRAMES = 40             # snapshots kept along the way: every 4th is a column of the PNG figure
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def save_figure(fig, path):
+    """Write a matplotlib figure as PNG, atomically."""
+    import matplotlib.pyplot as plt
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def save_grid(images, path, nrow, row_names=None):
+    """uint8 images (N,1,H,W) -> one PNG, nrow images per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=64)   # (3, H', W')
+    rows = (len(images) + nrow - 1) // nrow
+    fig = plt.figure(figsize=(nrow * 0.45 + 0.6, rows * 0.45 + 0.2))
+    plt.imshow(grid[0], cmap="gray", vmin=0, vmax=255)
+    if row_names is not None:
+        step = grid.shape[1] / rows
+        plt.yticks([step * (i + 0.5) for i in range(rows)], row_names, fontsize=8)
+        plt.xticks([])
+    else:
+        plt.axis("off")
+    save_figure(fig, path)
+
+
+def save_process_figure(snapshots, labels, path, step_names):
+    """The tutorial's figure: one row per sample, columns = the image along the denoising steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n, k = len(labels), len(snapshots)
+    fig, axes = plt.subplots(n, k, figsize=(k * 0.8, n * 0.8), squeeze=False)
+    for j, snap in enumerate(snapshots):
+        for i in range(n):
+            axes[i, j].imshow(to_uint8(snap[i, 0]), cmap="gray", vmin=0, vmax=255)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(step_names[j], fontsize=7)
+            if j == 0:
+                axes[i, j].set_ylabel(str(int(labels[i])), fontsize=8, rotation=0, labelpad=8)
+    save_figure(fig, path)
+
+
+def save_animation(frames, path, scale=4):
+    """Frames of images in [-1, 1] (each (n,1,H,W)) -> an animated GIF, one image per sample in a row.
+    Pillow comes with torchvision; the last frame is held longer so the result can be seen."""
+    import torchvision
+    from PIL import Image
+    pictures = []
+    for imgs in frames:
+        grid = torchvision.utils.make_grid(to_uint8(imgs), nrow=len(imgs), padding=1)[0]   # (H', W')
+        pictures.append(Image.fromarray(grid.numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                                             Image.NEAREST))
+    atomic_write(path, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, duration=80, loop=0,
+                                                    append_images=pictures[1:] + [pictures[-1]] * 10))
+
+
+def save_loss_curve(losses, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    losses = torch.tensor(losses)
+    k = max(1, len(losses) // 100)                                    # smooth over ~1% of the run
+    smooth = losses[: len(losses) // k * k].view(-1, k).mean(1)
+    fig = plt.figure(figsize=(6, 3.5))
+    plt.plot(range(len(losses)), losses, alpha=0.25, label="per step")
+    plt.plot([k * (i + 0.5) for i in range(len(smooth))], smooth, label=f"mean of {k} steps")
+    plt.yscale("log")
+    plt.xlabel("step")
+    plt.ylabel("MSE(eps, eps_theta)")
+    plt.legend()
+    save_figure(fig, path)
+
+
+def save_sample_grid(model, sched, path, seed=0, per_label=8, **sampling):
+    """Sample per_label images of every label and save them as a grid (one row per label)."""
+    labels = torch.arange(model.cfg.num_labels).repeat_interleave(per_label)
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    x, _ = backward_denoise(model, sched, labels, generator=g, **({"sampler": "ddim", "guidance": 2.0} | sampling))
+    save_grid(to_uint8(x).cpu(), path, nrow=per_label, row_names=[str(k) for k in range(model.cfg.num_labels)])
+
+
+# ----------------------------------------------------------------------------- the script
+
+def parse_labels(text, num_labels):
+    """'0-9' -> [0..9]; '3,3,7' -> [3, 3, 7]; ranges and single labels can be mixed."""
+    labels = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-")
+                labels += list(range(int(lo), int(hi) + 1))
+            else:
+                labels.append(int(part))
+    except ValueError:
+        raise UserError(f"--labels {text!r}: expected numbers like 0-9 or 3,3,7") from None
+    bad = [k for k in labels if not 0 <= k < num_labels]
+    if not labels or bad:
+        raise UserError(f"--labels {text!r}: labels must be in 0..{num_labels - 1}")
+    return labels
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Sample from a trained model and plot the denoising steps.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default="model.pt", help="base model written by train.py")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights")
+    parser.add_argument("--lora", default=None, help="LoRA file written by lora_finetune.py")
+    parser.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base layers first")
+    parser.add_argument("--labels", default="0-9", help="labels to draw, e.g. 0-9 or 3,3,7")
+    parser.add_argument("--per-label", type=int, default=1, help="samples per label")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="DDPM (T steps) or DDIM")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: T for ddpm, 50 for ddim)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
+    parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w (0 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--out-dir", default="outputs", help="folder for the PNG files")
+    parser.add_argument("--save-samples", default=None, metavar="FILE.pt",
+                        help="also save {'images': uint8 (N,1,H,W), 'labels': int64 (N,)}")
+    parser.add_argument("--show", action="store_true", help="also open the figures in a window")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.per_label < 1:
+        raise UserError(f"--per-label must be positive, got {args.per_label}")
+    if args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.merge and not args.lora:
+        raise UserError("--merge needs --lora FILE")
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.save_samples:
+        check_output_path(args.save_samples)
+    from train import load_model
+    device = pick_device(args.device)
+    model, ckpt = load_model(args.checkpoint, args.weights, device)
+    labels = torch.tensor(parse_labels(args.labels, model.cfg.num_labels)).repeat_interleave(args.per_label)
+    if args.lora:
+        from lora import apply_lora_file, merge_lora
+        apply_lora_file(model, args.lora)
+        if args.merge:
+            merge_lora(model)
+    sched = Schedule.from_config(model.cfg)
+
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    start = time.time()
+    x, snapshots = backward_denoise(model, sched, labels, args.sampler, args.steps, args.eta, args.guidance,
+                                    generator=g, keep=GIF_FRAMES)
+    seconds = time.time() - start
+    images = to_uint8(x).cpu()
+    total = snapshots[-1][0]
+    print(f"sampled {len(labels)} images with {args.sampler} ({total} steps, guidance {args.guidance}) "
+          f"in {seconds:.1f} s")
+
+    first = [labels.tolist().index(k) for k in dict.fromkeys(labels.tolist())]   # one row per label
+    columns = snapshots[::GIF_FRAMES // 10]                                       # noise + 10 steps
+    process = os.path.join(args.out_dir, "denoise_process.png")
+    save_process_figure([imgs[first] for _, imgs in columns], labels[first], process,
+                        ["noise"] + [f"{n}/{total}" for n, _ in columns[1:]])
+    animation = os.path.join(args.out_dir, "denoise_process.gif")
+    save_animation([imgs[first] for _, imgs in snapshots], animation)
+    grid = os.path.join(args.out_dir, "samples.png")
+    save_grid(images, grid, nrow=args.per_label if len(first) > 1 else min(len(images), 10))
+    print(f"saved {process}, {animation} and {grid}")
+    if args.save_samples:
+        atomic_save({"images": images, "labels": labels}, args.save_samples)
+        print(f"saved {len(images)} samples to {args.save_samples}")
+    if args.show:
+        import matplotlib.pyplot as plt
+        from PIL import Image
+        for path in (process, grid):
+            plt.figure()
+            plt.imshow(Image.open(path))
+            plt.axis("off")
+        plt.show()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,162 @@
+"""The diffusion process: noising in closed form, and the reverse (denoising) steps (the series' diffusion.py).
+
+DDPM (Ho et al. 2020) with a linear beta schedule over T = 1000 steps; the network predicts the noise.
+DDIM (Song et al. 2021) reuses the same trained network with fewer, larger steps.
+
+    python diffusion.py --data ../shared/data/mnist-t10k    # saves outputs/forward_diffusion.png
+"""
+import argparse
+import os
+
+import torch
+
+from config import ModelConfig, UserError, check_output_path, run_main
+from dataset import load_images, to_model_range
+
+
+class Schedule:
+    """The noise schedule's constants, each a tensor of length T (index t = 0..T-1)."""
+
+    def __init__(self, T, beta_start, beta_end):
+        self.T = T
+        self.betas = torch.linspace(beta_start, beta_end, T)              # beta_t
+        self.alphas = 1.0 - self.betas                                      # alpha_t = 1 - beta_t
+        self.alpha_bars = torch.cumprod(self.alphas, dim=0)                 # abar_t = prod_{s<=t} alpha_s
+        # abar_{t-1}, with abar_{-1} = 1 (no noise before the first step)
+        self.alpha_bars_prev = torch.cat([torch.ones(1), self.alpha_bars[:-1]])
+        # variance of q(x_{t-1} | x_t, x_0):  beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+        self.posterior_variance = self.betas * (1 - self.alpha_bars_prev) / (1 - self.alpha_bars)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig):
+        return cls(cfg.T, cfg.beta_start, cfg.beta_end)
+
+
+def _at(values, t, x):
+    """values[t] shaped (B,1,1,1) to broadcast against images x (B,C,H,W)."""
+    return values.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
+
+
+def forward_diffusion(sched, x0, t, noise=None):
+    """Sample x_t ~ q(x_t | x_0) in one jump:  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    Returns (x_t, eps); eps is the target the network learns to predict."""
+    if noise is None:
+        noise = torch.randn_like(x0)
+    abar = _at(sched.alpha_bars, t, x0)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, noise
+
+
+def ddpm_step(sched, x_t, t, eps, generator=None):
+    """One DDPM reverse step x_t -> x_{t-1} (t is an int, the same for the whole batch):
+    mean = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps);  x_{t-1} = mean + sqrt(beta~_t) z."""
+    alpha, abar, beta = sched.alphas[t], sched.alpha_bars[t], sched.betas[t]
+    mean = (x_t - beta / (1 - abar).sqrt() * eps) / alpha.sqrt()
+    if t == 0:
+        return mean                                             # no noise is added at the last step
+    z = torch.randn(x_t.shape, generator=generator, device=x_t.device)
+    return mean + sched.posterior_variance[t].sqrt() * z
+
+
+def ddim_step(sched, x_t, t, t_prev, eps, eta=0.0, generator=None):
+    """One DDIM step x_t -> x_{t_prev}, t_prev < t (t_prev = -1 means 'clean image'):
+    x0^ = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+    x_prev = sqrt(abar_prev) x0^ + sqrt(1 - abar_prev - sigma^2) eps + sigma z       (eta = 0: deterministic)"""
+    abar = sched.alpha_bars[t]
+    abar_prev = sched.alpha_bars[t_prev] if t_prev >= 0 else torch.tensor(1.0)
+    x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    if eta > 0 and t_prev >= 0:
+        x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device)
+    return x_prev
+
+
+def predict_noise(model, x_t, t, labels, guidance=0.0, null_label=None):
+    """eps(x_t, t, label). With classifier-free guidance (Ho & Salimans 2022), w = guidance:
+    eps = eps_uncond + (1 + w) (eps_cond - eps_uncond), both from ONE batched forward pass."""
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    if guidance == 0:
+        return model(x_t, tt, labels)
+    nulls = torch.full_like(labels, null_label)
+    eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([labels, nulls]))
+    eps_cond, eps_uncond = eps.chunk(2)
+    return eps_uncond + (1 + guidance) * (eps_cond - eps_uncond)
+
+
+def timesteps(T, steps):
+    """`steps` timesteps evenly spaced over T-1 .. 0, largest first (all T of them for steps=T)."""
+    if not 1 <= steps <= T:
+        raise UserError(f"--steps must be between 1 and T={T}, got {steps}")
+    return torch.linspace(T - 1, 0, steps).round().long().tolist()
+
+
+@torch.no_grad()
+def backward_denoise(model, sched, labels, sampler="ddpm", steps=None, eta=0.0, guidance=0.0,
+                     generator=None, keep=0):
+    """Start from pure noise x_T ~ N(0, I) and denoise step by step (the tutorial's backward_denoise).
+    Returns the clean images in [-1, 1] and, if keep > 0, snapshots [(steps done, images), ...]: the
+    pure noise, then `keep` evenly spaced points of the way, the last one being the result."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    steps = steps or (sched.T if sampler == "ddpm" else min(50, sched.T))
+    if sampler == "ddpm" and steps != sched.T:
+        raise UserError(f"the DDPM sampler walks all T={sched.T} steps; use --sampler ddim for fewer")
+    ts = timesteps(sched.T, steps)
+    shape = (len(labels), cfg.in_channels, cfg.image_size, cfg.image_size)
+    x = torch.randn(shape, generator=generator, device=device)                # x_T
+    labels = labels.to(device)
+    record = set(torch.linspace(0, len(ts) - 1, keep).round().long().tolist()) if keep else set()
+    snapshots = [(0, x.cpu())] if keep else []
+    for i, t in enumerate(ts):
+        eps = predict_noise(model, x, t, labels, guidance, cfg.num_labels)
+        if sampler == "ddpm":
+            x = ddpm_step(sched, x, t, eps, generator)
+        else:
+            x = ddim_step(sched, x, t, ts[i + 1] if i + 1 < len(ts) else -1, eps, eta, generator)
+        if i in record:
+            snapshots.append((i + 1, x.clamp(-1, 1).cpu()))
+    return x.clamp(-1, 1), snapshots
+
+
+def to_uint8(x):
+    """Model range [-1, 1] -> pixels 0..255 (uint8), white digit on black."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Show one digit being noised by q(x_t | x_0) at several t.")
+    parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
+    parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
+    parser.add_argument("--index", type=int, default=0, help="which image of the data set to noise")
+    parser.add_argument("--out", default="outputs/forward_diffusion.png", help="PNG file to write")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the noise")
+    args = parser.parse_args()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from denoise import save_figure          # denoise.py imports this file, so import it here
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    check_output_path(args.out)
+    cfg = ModelConfig()
+    images, labels = load_images(args.data, args.data_root, cfg.image_size)
+    if not 0 <= args.index < len(images):
+        raise UserError(f"--index must be in 0..{len(images) - 1}")
+    sched = Schedule.from_config(cfg)
+    ts = [0, 50, 100, 200, 300, 500, 700, 999]
+    x0 = to_model_range(images[args.index:args.index + 1]).repeat(len(ts), 1, 1, 1)
+    torch.manual_seed(args.seed)
+    x_t, _ = forward_diffusion(sched, x0, torch.tensor(ts))
+    fig, axes = plt.subplots(1, len(ts), figsize=(1.6 * len(ts), 2))
+    for ax, img, t in zip(axes, x_t, ts):
+        ax.imshow(img[0], cmap="gray", vmin=-1, vmax=1)
+        ax.set_title(f"t={t}\nabar={sched.alpha_bars[t]:.3f}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"forward diffusion of a '{int(labels[args.index])}'")
+    save_figure(fig, args.out)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

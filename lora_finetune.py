@@ -1,0 +1,98 @@
+"""Fine-tune a trained model with LoRA: only the low-rank A, B matrices train (blog part 11).
+
+    python lora_finetune.py --data ../shared/data/mnist-t10k     # reads model.pt, writes lora.pt
+    python lora_finetune.py --resume                              # continue from lora.pt
+    python denoise.py --lora lora.pt                              # sample with the adapter
+
+The base checkpoint is only read, never written. The LoRA file holds the LoRA tensors, the rank,
+alpha and target layers, and a fingerprint of the base weights, so it is refused on another base.
+It also keeps the optimizer and data position, so that --resume continues exactly.
+"""
+import argparse
+import dataclasses
+import os
+import time
+
+import torch
+
+from config import (TrainConfig, UserError, add_config_flags, atomic_save, check_output_path,
+                    config_from_dict, load_file, pick_device, run_main)
+from dataset import Batches, load_images
+from diffusion import Schedule
+from lora import (fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
+                  mark_only_lora_trainable)
+from train import (Progress, finish_run, fit, load_model, lr_schedule, resolve_train_config,
+                   restore_training_state, training_state)
+from unet import count_parameters
+
+# fine-tuning defaults that differ from training from scratch
+FINETUNE = dict(max_steps=1000, lr=1e-3, warmup_steps=50)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base", default="model.pt", help="base checkpoint written by train.py (read only)")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which base weights to adapt")
+    parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
+    parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
+    parser.add_argument("--out", default="lora.pt", help="LoRA file (written atomically)")
+    parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
+    parser.add_argument("--resume", action="store_true", help="continue from --out")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (overrides --max-steps)")
+    parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
+    group = parser.add_argument_group("fine-tuning")
+    add_config_flags(group, dataclasses.replace(TrainConfig(), **FINETUNE),
+                     only=("batch_size", "lr", "warmup_steps", "max_steps", "p_uncond", "seed", "precision",
+                           "lora_rank", "lora_alpha", "lora_targets"))
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    if os.path.abspath(args.out) == os.path.abspath(args.base):
+        raise UserError("--out must not be the base checkpoint (fine-tuning never writes the base)")
+    check_output_path(args.out)
+    os.makedirs(args.out_dir, exist_ok=True)
+    device = pick_device(args.device)
+    model, _ = load_model(args.base, args.weights, device)
+    base_print = fingerprint(model)
+    state = load_file(args.out, "lora") if args.resume else None
+    if state and state["base_fingerprint"] != base_print:
+        raise UserError(f"{args.out} was trained on another base model than {args.base}")
+    images, labels = load_images(args.data, args.data_root, model.cfg.image_size)
+    saved = config_from_dict(TrainConfig, state["train_config"]) if state else None
+    tcfg = resolve_train_config(args, dataclasses.replace(TrainConfig(), **FINETUNE), len(images), saved)
+    torch.manual_seed(tcfg.seed)
+    batches = Batches(images, labels, tcfg.batch_size, tcfg.seed)
+
+    names = inject_lora(model, tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha)
+    params = mark_only_lora_trainable(model)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+    scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
+    progress = Progress()
+    if state:
+        load_lora_state_dict(model, state["lora"])
+        progress = restore_training_state(state, optimizer, scheduler, batches)
+        print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
+    n_train = sum(p.numel() for p in params)
+    n_total = count_parameters(model)
+    print(f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers "
+          f"({', '.join(tcfg.lora_targets)}): training {n_train:,d} of {n_total:,d} parameters "
+          f"({100 * n_train / n_total:.2f}%)")
+
+    def save():
+        atomic_save(lora_file_dict(model, names, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, base_print,
+                                   training_state(optimizer, scheduler, batches, progress, tcfg)), args.out)
+
+    sched = Schedule.from_config(model.cfg)
+    t0 = time.time()
+    reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, None, args.time_budget)
+    print(f"{reason}: step {progress.step}, {(time.time() - t0) / 60:.1f} min; saved {args.out}")
+    finish_run(reason, model, sched, progress.losses, args.out_dir, "lora", tcfg.seed)
+
+
+if __name__ == "__main__":
+    run_main(main)

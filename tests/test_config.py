@@ -1,0 +1,124 @@
+"""config.py's shared helpers: atomic saving, loading project files, and config flags."""
+import argparse
+import os
+import stat
+
+import pytest
+import torch
+
+import config
+from config import (ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
+                    atomic_save, config_from_dict, load_file)
+
+
+def test_atomic_save_writes_and_leaves_no_temp_file(tmp_path):
+    """atomic_save writes (and replaces) the file with the usual permissions and cleans up its temporary file."""
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"kind": "model", "x": torch.arange(3)}, str(path))
+    atomic_save({"kind": "model", "x": torch.arange(5)}, str(path))        # replaces the old file
+    assert torch.load(path, weights_only=True)["x"].tolist() == [0, 1, 2, 3, 4]
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644     # not mkstemp's private 0600
+
+
+def write_some_bytes(f, data):
+    """What a torch.save that dies half-way leaves: some bytes in its target (a path or a file object)."""
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as handle:
+            handle.write(data)
+    else:
+        f.write(data)
+        f.flush()
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch, exc):
+    """If torch.save dies half-way (an error, or Ctrl-C), the previous file is byte-for-byte intact and
+    no temporary file is left behind."""
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"kind": "model", "x": torch.arange(3)}, str(path))
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        write_some_bytes(f, b"half a checkpoint")
+        raise exc("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(exc):
+        atomic_save({"kind": "model", "x": torch.arange(1000)}, str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_atomic_save_failure_without_previous_file_leaves_nothing(tmp_path, monkeypatch):
+    """A failed first save leaves neither a partial file nor a temporary file."""
+    def broken_save(obj, f, *args, **kwargs):
+        write_some_bytes(f, b"partial")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError):
+        atomic_save({"kind": "model"}, str(tmp_path / "new.pt"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_save_into_missing_folder_is_a_user_error(tmp_path):
+    """Saving into a folder that does not exist is a UserError, not an OSError."""
+    with pytest.raises(UserError, match="does not exist"):
+        atomic_save({}, str(tmp_path / "nope" / "ckpt.pt"))
+
+
+def test_load_file_refuses_bad_files(tmp_path):
+    """Missing, text, truncated, wrong-kind and non-dict files are UserErrors with a useful message."""
+    good = tmp_path / "good.pt"
+    torch.save({"kind": "model", "w": torch.randn(100, 100)}, good)
+    assert load_file(str(good), "model")["kind"] == "model"
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, I am not a checkpoint\n")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    lora = tmp_path / "lora.pt"
+    torch.save({"kind": "lora"}, lora)
+    a_list = tmp_path / "list.pt"
+    torch.save([1, 2], a_list)
+    cases = {tmp_path / "missing.pt": "not found", text: "not a readable", truncated: "not a readable",
+             lora: "found: lora", a_list: "found: list"}
+    for path, fragment in cases.items():
+        with pytest.raises(UserError) as e:
+            load_file(str(path), "model")
+        assert fragment in str(e.value) and str(path) in str(e.value)
+
+
+def test_config_flags_round_trip():
+    """Every config field gets a --flag; given flags override the defaults, tuples are comma-separated."""
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, ModelConfig())
+    add_config_flags(parser, TrainConfig(), only=("max_steps", "lr"))
+    args = parser.parse_args(["--widths", "8,16", "--context-tokens", "3", "--beta-end", "0.03",
+                              "--max-steps", "7"])
+    m = apply_config_flags(ModelConfig(), args)
+    assert m.widths == (8, 16) and m.context_tokens == 3 and m.beta_end == 0.03 and m.T == ModelConfig().T
+    t = apply_config_flags(TrainConfig(), args)
+    assert t.max_steps == 7 and t.lr == TrainConfig().lr
+    with pytest.raises(UserError, match="--widths"):
+        apply_config_flags(ModelConfig(), parser.parse_args(["--widths", "8,x"]))
+
+
+def test_config_from_dict_restores_tuples_and_refuses_unknown_keys():
+    """Checkpoint configs come back as dataclasses with tuples; unknown settings mean a foreign file."""
+    d = {"widths": [8, 16], "T": 50}
+    assert config_from_dict(ModelConfig, d) == ModelConfig(widths=(8, 16), T=50)
+    with pytest.raises(UserError, match="colour"):
+        config_from_dict(ModelConfig, {"colour": "red"})
+
+
+def test_run_main_turns_user_error_into_exit_2(capsys):
+    """run_main prints exactly 'error: ...' on stderr and exits with code 2."""
+    def main():
+        raise UserError("something is wrong")
+
+    with pytest.raises(SystemExit) as e:
+        config.run_main(main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: something is wrong\n"

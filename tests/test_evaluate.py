@@ -1,0 +1,124 @@
+"""Fast tests for bench/evaluate.py: the Frechet distance and the samples-file checks.
+No classifier is trained and nothing is downloaded."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPT = BENCH / "evaluate.py"
+sys.path.insert(0, str(BENCH))
+import evaluate as ev  # noqa: E402
+
+
+def test_fd_identical_sets_is_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    assert ev.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fd_shifted_gaussian_is_squared_mean_difference():
+    # Same covariance, means differ by delta: FD = ||delta||^2 exactly (for the fitted stats).
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 8, generator=g, dtype=torch.float64)
+    delta = torch.tensor([3.0, -1.0, 0.5, 0, 0, 2.0, 0, 0], dtype=torch.float64)
+    fd = ev.frechet_distance(x, x + delta)
+    assert fd == pytest.approx(float(delta.pow(2).sum()), rel=1e-6)
+
+
+def test_fd_matches_closed_form_for_diagonal_covariances():
+    # For diagonal S1, S2: FD = ||mu1-mu2||^2 + sum (sqrt(s1) - sqrt(s2))^2.
+    mu1 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    mu2 = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    s1 = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
+    s2 = torch.tensor([9.0, 1.0, 0.0], dtype=torch.float64)  # singular on purpose
+    expected = (mu1 - mu2).pow(2).sum() + (s1.sqrt() - s2.sqrt()).pow(2).sum()
+    fd = ev.frechet_distance_from_stats(mu1, torch.diag(s1), mu2, torch.diag(s2))
+    assert fd == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_fd_general_covariances_against_rotation_invariance():
+    # FD is invariant to a common rotation of both sets; compare with the unrotated value.
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(300, 6, generator=g, dtype=torch.float64) * 2 + 1
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    assert ev.frechet_distance(a, b) == pytest.approx(ev.frechet_distance(a @ q, b @ q), rel=1e-6)
+    assert ev.frechet_distance(a, b) == pytest.approx(ev.frechet_distance(b, a), rel=1e-6)
+
+
+def test_fd_fewer_samples_than_dims_is_finite():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(20, 128, generator=g), torch.randn(30, 128, generator=g)
+    fd = ev.frechet_distance(a, b)
+    assert fd == fd and 0 < fd < float("inf")
+
+
+def test_load_samples_accepts_a_good_file(tmp_path):
+    p = tmp_path / "ok.pt"
+    torch.save({"images": torch.zeros(4, 1, 28, 28, dtype=torch.uint8),
+                "labels": torch.tensor([0, 1, 2, 9])}, p)
+    images, labels = ev.load_samples(p)
+    assert images.shape == (4, 1, 28, 28) and labels.tolist() == [0, 1, 2, 9]
+
+
+def _bad_files(tmp_path):
+    good_images = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    good_labels = torch.tensor([0, 1, 2, 3])
+    cases = {
+        "missing": None,
+        "wrong_keys": {"imgs": good_images, "labels": good_labels},
+        "float_images": {"images": good_images.float(), "labels": good_labels},
+        "wrong_shape": {"images": torch.zeros(4, 28, 28, dtype=torch.uint8), "labels": good_labels},
+        "int32_labels": {"images": good_images, "labels": good_labels.int()},
+        "label_count": {"images": good_images, "labels": good_labels[:3]},
+        "label_range": {"images": good_images, "labels": torch.tensor([0, 1, 2, 10])},
+        "not_a_dict": [good_images, good_labels],
+        "garbage": b"this is not a torch file",
+    }
+    paths = {}
+    for name, obj in cases.items():
+        p = tmp_path / f"{name}.pt"
+        if isinstance(obj, bytes):
+            p.write_bytes(obj)
+        elif obj is not None:
+            torch.save(obj, p)
+        paths[name] = p
+    return paths
+
+
+def test_bad_sample_files_raise_usage_error(tmp_path):
+    for name, p in _bad_files(tmp_path).items():
+        with pytest.raises(ev.UsageError):
+            ev.load_samples(p)
+
+
+def test_main_bad_sample_files_return_2(tmp_path, capsys):
+    args = ["--data-root", str(tmp_path / "nodata"), "--cache-dir", str(tmp_path / "cache")]
+    for name, p in _bad_files(tmp_path).items():
+        assert ev.main([str(p)] + args) == 2, name
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert out == "" and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong_shape"])
+def test_cli_bad_sample_file_exit_code_2(tmp_path, case):
+    p = _bad_files(tmp_path)[case]
+    # Point data and cache at empty folders: a bad samples file must be rejected before
+    # any real data is read or any classifier trained.
+    r = subprocess.run([sys.executable, str(SCRIPT), str(p), "--data-root", str(tmp_path / "nodata"),
+                        "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert not (tmp_path / "cache").exists()

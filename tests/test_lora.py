@@ -1,0 +1,161 @@
+"""LoRA in-process: injection, freezing, merging, strict loading and the base fingerprint."""
+import pytest
+import torch
+from torch import nn
+
+from config import UserError
+from conftest import tiny_batch
+from lora import (LoraLayer, fingerprint, inject_lora, load_lora_state_dict, lora_state_dict,
+                  mark_only_lora_trainable, merge_lora)
+from train import train_step
+from diffusion import Schedule
+
+TARGETS = ("Wq", "Wk", "Wv")
+
+
+def _randomise_lora_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.lora_b.copy_(0.1 * torch.randn(m.lora_b.shape, generator=g))
+
+
+def test_inject_lora_wraps_every_target_layer(tiny_model, tiny_cfg):
+    """inject_lora replaces each Wq/Wk/Wv (and nothing else) by a LoraLayer of the requested rank."""
+    names = inject_lora(tiny_model, TARGETS, r=3, alpha=6.0)
+    loras = {n: m for n, m in tiny_model.named_modules() if isinstance(m, LoraLayer)}
+    assert sorted(names) == sorted(loras)
+    assert len(names) == 3 * (2 * len(tiny_cfg.widths) + 1)
+    assert {n.split(".")[-1] for n in names} == set(TARGETS)
+    for m in loras.values():
+        assert m.lora_a.shape == (m.base.in_features, 3) and m.lora_b.shape == (3, m.base.out_features)
+
+
+def test_fresh_lora_leaves_output_unchanged(tiny_model, tiny_cfg):
+    """B starts at zero, so a freshly injected LoRA changes nothing, bit for bit."""
+    x, t, labels = tiny_batch(tiny_cfg)
+    with torch.no_grad():
+        before = tiny_model(x, t, labels)
+        inject_lora(tiny_model, TARGETS, r=4, alpha=4.0)
+        after = tiny_model(x, t, labels)
+    assert torch.equal(before, after)
+
+
+def test_only_lora_trains(tiny_model, tiny_cfg):
+    """After mark_only_lora_trainable only lora_a/lora_b require grad, and optimizer steps over ALL
+    parameters change them and nothing else."""
+    inject_lora(tiny_model, TARGETS, r=2, alpha=2.0)
+    trainable = mark_only_lora_trainable(tiny_model)
+    grad_names = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    lora_names = {n for n, _ in tiny_model.named_parameters() if n.split(".")[-1] in ("lora_a", "lora_b")}
+    assert grad_names == lora_names and len(lora_names) > 0
+    assert {id(p) for p in trainable} == {id(p) for n, p in tiny_model.named_parameters() if n in lora_names}
+
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = Schedule.from_config(tiny_cfg)
+    x0, _, labels = tiny_batch(tiny_cfg, 4)
+    torch.manual_seed(0)
+    # two steps: in the first, A's gradient is zero because B = 0; in the second both move
+    for _ in range(2):
+        train_step(tiny_model, optimizer, sched, x0.clamp(-1, 1), labels, p_uncond=0.0)
+    for name, p in tiny_model.named_parameters():
+        if name in lora_names:
+            assert not torch.equal(p, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+
+
+def test_merge_matches_unmerged_and_removes_lora_layers(tiny_model, tiny_cfg):
+    """merge_lora folds (A B)^T alpha/r into W: the merged model's output matches the LoRA model's
+    within 1e-5 (with a non-zero B, so the adapter matters), and no LoraLayer is left."""
+    x, t, labels = tiny_batch(tiny_cfg)
+    base_keys = set(tiny_model.state_dict())
+    with torch.no_grad():
+        base_out = tiny_model(x, t, labels)
+        inject_lora(tiny_model, TARGETS, r=4, alpha=8.0)     # alpha / r = 2: the scale must be applied
+        _randomise_lora_b(tiny_model)
+        lora_out = tiny_model(x, t, labels)
+        merged = merge_lora(tiny_model)
+        merged_out = tiny_model(x, t, labels)
+    assert len(merged) == 15
+    assert (lora_out - base_out).abs().max() > 1e-3            # the adapter really changes the output
+    assert torch.allclose(merged_out, lora_out, atol=1e-5, rtol=0)
+    assert not any(isinstance(m, LoraLayer) for m in tiny_model.modules())
+    for name in merged:
+        assert type(tiny_model.get_submodule(name)) is nn.Linear
+    assert set(tiny_model.state_dict()) == base_keys
+
+
+def test_lora_scale_zero_is_base_model(tiny_model, tiny_cfg):
+    """scale = 0 switches a trained adapter off (delta_weight is zero too)."""
+    x, t, labels = tiny_batch(tiny_cfg)
+    with torch.no_grad():
+        base_out = tiny_model(x, t, labels)
+        inject_lora(tiny_model, TARGETS, r=2, alpha=2.0)
+        _randomise_lora_b(tiny_model)
+        for m in tiny_model.modules():
+            if isinstance(m, LoraLayer):
+                m.scale = 0.0
+                assert m.delta_weight().abs().max() == 0
+        assert torch.equal(tiny_model(x, t, labels), base_out)
+
+
+def test_lora_state_dict_round_trip(tiny_model, tiny_cfg):
+    """lora_state_dict holds only LoRA tensors; loading it into a fresh injection restores the output."""
+    inject_lora(tiny_model, TARGETS, r=2, alpha=2.0)
+    _randomise_lora_b(tiny_model)
+    state = lora_state_dict(tiny_model)
+    assert state and all(k.endswith((".lora_a", ".lora_b")) for k in state)
+    x, t, labels = tiny_batch(tiny_cfg)
+    with torch.no_grad():
+        expected = tiny_model(x, t, labels)
+    from unet import UNet
+    torch.manual_seed(0)
+    other = UNet(tiny_cfg)                                    # same base weights (same seed)
+    inject_lora(other, TARGETS, r=2, alpha=2.0)
+    load_lora_state_dict(other, state)
+    with torch.no_grad():
+        assert torch.equal(other(x, t, labels), expected)
+
+
+def test_loading_lora_of_another_rank_names_the_wrong_shape(tiny_model, tiny_cfg):
+    """Rank-2 LoRA tensors into a model injected at rank 4: a UserError naming the wrong shape."""
+    from unet import UNet
+    inject_lora(tiny_model, TARGETS, r=2, alpha=2.0)
+    state = lora_state_dict(tiny_model)
+    other = UNet(tiny_cfg)
+    inject_lora(other, TARGETS, r=4, alpha=2.0)
+    with pytest.raises(UserError) as e:
+        load_lora_state_dict(other, state)
+    msg = str(e.value)
+    assert "wrong shape" in msg and ".lora_" in msg
+    assert "2)" in msg and "4)" in msg                        # e.g. (8, 2) vs (8, 4)
+
+
+def test_loading_lora_with_missing_or_extra_keys_is_refused(tiny_model):
+    """Strict load: a missing or an unexpected LoRA tensor is a UserError, never silently ignored."""
+    inject_lora(tiny_model, TARGETS, r=2, alpha=2.0)
+    state = lora_state_dict(tiny_model)
+    missing = dict(state)
+    missing.pop(next(iter(missing)))
+    with pytest.raises(UserError, match="missing"):
+        load_lora_state_dict(tiny_model, missing)
+    with pytest.raises(UserError, match="unexpected"):
+        load_lora_state_dict(tiny_model, {**state, "mid.transformer.attn.Wo.lora_a": torch.zeros(16, 2)})
+
+
+def test_fingerprint_identifies_base_weights(tiny_model, tiny_cfg):
+    """The base fingerprint is the same for the same weights (also after a LoRA with B = 0 is merged
+    back in), and changes when any base weight changes."""
+    from unet import UNet
+    base = fingerprint(tiny_model)
+    torch.manual_seed(0)
+    assert fingerprint(UNet(tiny_cfg)) == base                # same seed, same weights
+    inject_lora(tiny_model, TARGETS, r=2, alpha=2.0)
+    merge_lora(tiny_model)                                    # B = 0: W' = W
+    assert fingerprint(tiny_model) == base
+    with torch.no_grad():
+        tiny_model.head[2].bias[0] += 1e-3
+    assert fingerprint(tiny_model) != base

@@ -1,0 +1,79 @@
+"""lora_finetune.py from the command line: what the LoRA file holds, and that the base is never written."""
+import torch
+
+from conftest import LORA_RANK, check_user_error, run_script, sha256
+from lora import LoraLayer, apply_lora_file, fingerprint
+from train import load_model
+
+
+def tensors_in(obj, path=""):
+    """Every (key path, tensor) anywhere inside a nested dict/list structure."""
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors_in(v, f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors_in(v, f"{path}/{i}")
+
+
+def keys_in(obj):
+    """Every dict key anywhere inside a nested structure."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from keys_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from keys_in(v)
+
+
+def test_lora_file_holds_only_lora_tensors(lora_run, base_run):
+    """The 'lora' dict holds exactly the A and B of every adapted layer (rank as asked); no key anywhere in
+    the file is a base-model weight's name; and the file is much smaller than the base checkpoint."""
+    f = torch.load(lora_run["lora"], map_location="cpu", weights_only=True)
+    assert f["kind"] == "lora" and f["rank"] == LORA_RANK
+    assert f["lora"], "no LoRA tensors saved"
+    assert all(k.endswith((".lora_a", ".lora_b")) for k in f["lora"])
+    assert set(f["lora"]) == {f"{layer}.{ab}" for layer in f["layers"] for ab in ("lora_a", "lora_b")}
+    assert {layer.split(".")[-1] for layer in f["layers"]} == {"Wq", "Wk", "Wv"}
+    for k, v in f["lora"].items():
+        rank = v.shape[1] if k.endswith("lora_a") else v.shape[0]
+        assert v.dim() == 2 and rank == LORA_RANK, (k, v.shape)
+
+    base = torch.load(base_run["ckpt"], map_location="cpu", weights_only=True)
+    base_names = set(base["model"]) | set(base["ema"])
+    base_names |= {k.replace(".weight", ".base.weight") for k in base["model"]}     # names inside LoraLayer
+    found = {str(k) for k in keys_in(f)} | {p.rsplit("/", 1)[-1] for p, _ in tensors_in(f)}
+    assert not found & base_names, f"base weights in the LoRA file: {sorted(found & base_names)[:5]}"
+
+    lora_numel = sum(t.numel() for t in f["lora"].values())
+    base_numel = sum(t.numel() for t in base["model"].values())
+    assert lora_numel < base_numel / 10
+    assert lora_run["lora"].stat().st_size * 4 < base_run["ckpt"].stat().st_size
+
+
+def test_lora_training_changed_b_and_applies_to_its_base(lora_run, base_run):
+    """The saved B matrices have moved away from zero, and apply_lora_file accepts the file on its base."""
+    f = torch.load(lora_run["lora"], map_location="cpu", weights_only=True)
+    assert any(v.abs().max() > 0 for k, v in f["lora"].items() if k.endswith("lora_b"))
+    model, _ = load_model(str(base_run["ckpt"]), "ema")
+    assert f["base_fingerprint"] == fingerprint(model)
+    apply_lora_file(model, str(lora_run["lora"]))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == len(f["layers"]) and all(m.r == LORA_RANK for m in layers)
+
+
+def test_finetuning_leaves_base_checkpoint_bytes_unchanged(lora_run, base_run):
+    """The base checkpoint's bytes hash the same before and after lora_finetune.py ran on it."""
+    assert sha256(base_run["ckpt"]) == lora_run["base_hash_before"]
+
+
+def test_finetune_refuses_to_write_over_the_base(base_run, image_folder, tmp_path):
+    """--out pointing at the base checkpoint is refused before anything is written."""
+    before = sha256(base_run["ckpt"])
+    result = run_script("lora_finetune.py", "--base", base_run["ckpt"], "--out", base_run["ckpt"],
+                        "--data", image_folder, "--out-dir", tmp_path, "--device", "cpu", "--max-steps", 1)
+    check_user_error(result, "base")
+    assert sha256(base_run["ckpt"]) == before

@@ -1,0 +1,277 @@
+"""Train the label-conditioned diffusion UNet (the series' train.py).
+
+    python train.py --data ../shared/data/mnist-t10k        # ~10 minutes on 2 CPU cores
+    python train.py --resume                                 # continue an interrupted run
+    python train.py --help                                   # every setting
+
+Each step: pick x_0 and a random t, noise it in closed form, and teach the network to predict the
+noise: loss = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, label) ||^2.
+Ctrl-C saves a resumable checkpoint (a second Ctrl-C quits at once; the last good file stays intact).
+lora_finetune.py reuses train_step() and fit() from this file.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from config import (ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
+                    atomic_save, autocast_dtype, check_output_path, check_resume, config_from_dict, load_file, pick_device,
+                    rng_state, run_main, set_rng_state)
+from dataset import Batches, load_images
+from diffusion import Schedule, forward_diffusion
+from unet import UNet, check_model_config, count_parameters
+
+
+def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None):
+    """One optimizer step of DDPM's simplified loss; returns the loss as a float. With dtype (bf16 or
+    fp16) the forward pass runs under torch.autocast; fp16 also needs a GradScaler against underflow."""
+    B = x0.shape[0]
+    t = torch.randint(0, sched.T, (B,), device=x0.device)                 # t ~ Uniform{0..T-1}
+    # classifier-free guidance: sometimes train with the "no label" token instead of the label
+    drop = torch.rand(B, device=x0.device) < p_uncond
+    labels = torch.where(drop, torch.full_like(labels, model.cfg.num_labels), labels)
+    x_t, eps = forward_diffusion(sched, x0, t)                           # x_t = sqrt(abar) x0 + sqrt(1-abar) eps
+    with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype is not None):
+        eps_pred = model(x_t, t, labels)
+    loss = F.mse_loss(eps_pred.float(), eps)                             # || eps - eps_theta(x_t, t, y) ||^2
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.item()
+
+
+def make_ema(model, decay):
+    """EMA of the weights, theta_ema = d theta_ema + (1 - d) theta, with the decay warmed up as
+    d_n = min(decay, (1 + n) / (10 + n)): a fixed 0.999 over a short CPU run would keep averaging
+    in the untrained start."""
+    def ema_avg(avg, new, n):
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        return d * avg + (1 - d) * new
+    return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+
+
+def lr_schedule(optimizer, warmup, total):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` steps."""
+    warmup = max(1, min(warmup, total - 1))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))],
+        milestones=[warmup])
+
+
+class StopOnCtrlC:
+    """First Ctrl-C asks the loop to stop after this step (and save); a second one quits at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)            # the next Ctrl-C raises
+        print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit at once)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a run has done so far; saved in checkpoints so a resumed run continues exactly."""
+    step: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+
+
+def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=None, time_budget=None):
+    """The training loop shared by train.py and lora_finetune.py. Calls save() at each epoch's end
+    and when stopping (max_steps, time budget, Ctrl-C). Returns why it stopped."""
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(tcfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    start, epoch = time.time(), batches.epoch
+    bar = tqdm(total=tcfg.max_steps, initial=progress.step, unit="step", dynamic_ncols=True)
+    reason = "done"
+    with StopOnCtrlC() as ctrl_c:
+        while progress.step < tcfg.max_steps:
+            x0, labels = batches.next()
+            loss = train_step(model, optimizer, sched, x0.to(device), labels.to(device), tcfg.p_uncond, dtype, scaler)
+            if not math.isfinite(loss):
+                bar.close()
+                raise UserError(f"loss became {loss} at step {progress.step + 1}; stopped without saving it "
+                                f"(the last good checkpoint is kept). Try a lower --lr.")
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            progress.step += 1
+            progress.losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=batches.epoch, lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if ctrl_c.requested:
+                reason = "interrupted"
+                break
+            if time_budget is not None and time.time() - start > 60 * time_budget:
+                reason = "time budget"
+                break
+            if batches.epoch != epoch:                                      # an epoch ended: save
+                epoch = batches.epoch
+                save()
+        save()
+    bar.close()
+    return reason
+
+
+def finish_run(reason, model, sched, losses, out_dir, prefix, seed):
+    """After fit(): exit with 130 if Ctrl-C stopped the run, else save a sample grid and the loss curve."""
+    if reason == "interrupted":
+        raise SystemExit(130)                                  # the shell's code for "stopped by Ctrl-C"
+    from denoise import save_loss_curve, save_sample_grid
+    model.eval()
+    grid, curve = os.path.join(out_dir, f"{prefix}_samples.png"), os.path.join(out_dir, f"{prefix}_loss.png")
+    save_sample_grid(model, sched, grid, seed=seed)
+    save_loss_curve(losses, curve)
+    print(f"saved {grid} and {curve}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def training_state(optimizer, scheduler, batches, progress, tcfg):
+    """The part of a checkpoint that lets --resume continue exactly (lora_finetune.py saves it too)."""
+    return {"train_config": dataclasses.asdict(tcfg), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "batches": batches.state_dict(), "rng": rng_state(),
+            "step": progress.step, "epoch": batches.epoch, "losses": progress.losses}
+
+
+def restore_training_state(state, optimizer, scheduler, batches):
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    batches.load_state_dict(state["batches"])
+    set_rng_state(state["rng"])
+    return Progress(state["step"], state["losses"])
+
+
+def checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg):
+    return {"kind": "model", "model_config": dataclasses.asdict(model.cfg),
+            "model": model.state_dict(), "ema": ema.state_dict(),
+            **training_state(optimizer, scheduler, batches, progress, tcfg)}
+
+
+def load_model(path, weights="ema", device="cpu"):
+    """Rebuild a UNet from a checkpoint's own config and load its EMA (default) or raw weights."""
+    ckpt = load_file(path, "model")
+    model = UNet(config_from_dict(ModelConfig, ckpt["model_config"]))
+    state = ckpt["model"]
+    if weights == "ema":  # AveragedModel's state: "module."-prefixed weights plus its n_averaged counter
+        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit the model its config describes: {str(e).splitlines()[1].strip()}")
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- the script
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
+    parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
+    parser.add_argument("--out", default="model.pt", help="checkpoint file (written atomically)")
+    parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
+    parser.add_argument("--resume", action="store_true", help="continue from --out")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="train this many passes over the data (overrides --max-steps)")
+    parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
+    group = parser.add_argument_group("model (ignored with --resume: the checkpoint's own config is used)")
+    add_config_flags(group, ModelConfig())
+    group = parser.add_argument_group("training")
+    add_config_flags(group, TrainConfig(), only=("batch_size", "lr", "warmup_steps", "max_steps",
+                                                 "p_uncond", "ema_decay", "seed", "precision"))
+    return parser.parse_args()
+
+
+def check_train_config(tcfg, args):
+    for name in ("batch_size", "max_steps", "lora_rank"):
+        if getattr(tcfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(tcfg, name)}")
+    for name in ("lr", "lora_alpha"):
+        if getattr(tcfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(tcfg, name)}")
+    if tcfg.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be >= 0, got {tcfg.warmup_steps}")
+    if not 0 <= tcfg.p_uncond < 1 or not 0 <= tcfg.ema_decay < 1:
+        raise UserError(f"--p-uncond and --ema-decay must be in [0, 1), got {tcfg.p_uncond}, {tcfg.ema_decay}")
+    autocast_dtype(tcfg.precision, torch.device("cpu"))          # refuses an unknown --precision
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UserError(f"--time-budget must be positive, got {args.time_budget}")
+
+
+def resolve_train_config(args, defaults, n_images, saved=None):
+    """The run's TrainConfig: the defaults, or a resumed run's own settings, plus the user's flags.
+    --epochs N becomes max_steps = N batches-per-epoch."""
+    tcfg = apply_config_flags(saved or defaults, args)
+    if args.epochs is not None:
+        tcfg = dataclasses.replace(tcfg, max_steps=args.epochs * (n_images // max(1, min(tcfg.batch_size, n_images))))
+    check_train_config(tcfg, args)
+    if saved is not None:
+        check_resume(saved, tcfg)
+    return tcfg
+
+
+def main():
+    args = parse_args()
+    check_output_path(args.out)
+    os.makedirs(args.out_dir, exist_ok=True)
+    device = pick_device(args.device)
+    ckpt = load_file(args.out, "model") if args.resume else None
+    mcfg = config_from_dict(ModelConfig, ckpt["model_config"]) if ckpt else apply_config_flags(ModelConfig(), args)
+    check_model_config(mcfg)                       # before the (slow) data loading
+    images, labels = load_images(args.data, args.data_root, mcfg.image_size)
+    if int(labels.max()) >= mcfg.num_labels:
+        raise UserError(f"data has label {int(labels.max())}, the model knows 0..{mcfg.num_labels - 1}")
+    saved = config_from_dict(TrainConfig, ckpt["train_config"]) if ckpt else None
+    tcfg = resolve_train_config(args, TrainConfig(), len(images), saved)
+
+    torch.manual_seed(tcfg.seed)
+    model = UNet(mcfg).to(device)
+    batches = Batches(images, labels, tcfg.batch_size, tcfg.seed)
+    ema = make_ema(model, tcfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
+    progress = Progress()
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        progress = restore_training_state(ckpt, optimizer, scheduler, batches)
+        print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
+    print(f"{len(images)} images, {len(batches)} batches of {batches.batch_size} per epoch, "
+          f"{count_parameters(model):,d} parameters, device {device}, "
+          f"autocast {autocast_dtype(tcfg.precision, device) or 'off (fp32)'}")
+
+    def save():
+        atomic_save(checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg), args.out)
+
+    sched = Schedule.from_config(mcfg)
+    t0 = time.time()
+    reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema, args.time_budget)
+    minutes = (time.time() - t0) / 60
+    print(f"{reason}: step {progress.step}, epoch {batches.epoch}, {minutes:.1f} min; saved {args.out}")
+    finish_run(reason, ema.module, sched, progress.losses, args.out_dir, "train", tcfg.seed)
+
+
+if __name__ == "__main__":
+    run_main(main)
