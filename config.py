@@ -108,7 +108,13 @@ def autocast_dtype(precision, device):
 def pick_device(name="auto"):
     """cuda, then mps (Apple), then cpu, unless the user names one."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name!r} is not a device (try auto, cpu, cuda or mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -131,6 +137,15 @@ def check_output_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder, give a file name")
+
+
+def make_folder(path):
+    """os.makedirs for --out-dir, refusing clearly (before any work) when a file is in the way."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out-dir {path} is a file, not a folder")
+    os.makedirs(path, exist_ok=True)
 
 
 def atomic_write(path, write):
@@ -159,10 +174,13 @@ def load_file(path, kind):
     (the tutorial pickled whole modules, which PyTorch >= 2.6 refuses to load by default)."""
     if not os.path.isfile(path):
         raise UserError(f"{kind} file {path} not found")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty (0 bytes), not a {kind} file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, or not a torch file at all
-        raise UserError(f"{path} is not a readable {kind} file ({type(e).__name__})") from None
+    except Exception as e:  # truncated, or not a torch file at all
+        raise UserError(f"{path} is not a readable {kind} file: cut short, or not saved by "
+                        f"this project ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("kind") != kind:
         found = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"{path} is not a {kind} file made by this project (found: {found})")

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from config import UserError, atomic_save, atomic_write, check_output_path, pick_device, run_main
+from config import UserError, atomic_save, atomic_write, check_output_path, make_folder, pick_device, run_main
 from diffusion import Schedule, backward_denoise, to_uint8
 
 GIF_FRAMES = 40             # snapshots kept along the way: every 4th is a column of the PNG figure
@@ -157,7 +157,7 @@ def main():
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     if args.merge and not args.lora:
         raise UserError("--merge needs --lora FILE")
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir)
     if args.save_samples:
         check_output_path(args.save_samples)
     from train import load_model

@@ -99,7 +99,8 @@ def backward_denoise(model, sched, labels, sampler="ddpm", steps=None, eta=0.0, 
     pure noise, then `keep` evenly spaced points of the way, the last one being the result."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    steps = steps or (sched.T if sampler == "ddpm" else min(50, sched.T))
+    if steps is None:                                # (not `steps or ...`: --steps 0 must be refused)
+        steps = sched.T if sampler == "ddpm" else min(50, sched.T)
     if sampler == "ddpm" and steps != sched.T:
         raise UserError(f"the DDPM sampler walks all T={sched.T} steps; use --sampler ddim for fewer")
     ts = timesteps(sched.T, steps)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from config import (TrainConfig, UserError, add_config_flags, atomic_save, check_output_path,
-                    config_from_dict, load_file, pick_device, run_main)
+                    config_from_dict, load_file, make_folder, pick_device, run_main)
 from dataset import Batches, load_images
 from diffusion import Schedule
 from lora import (fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
@@ -54,7 +54,7 @@ def main():
     if os.path.abspath(args.out) == os.path.abspath(args.base):
         raise UserError("--out must not be the base checkpoint (fine-tuning never writes the base)")
     check_output_path(args.out)
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir)
     device = pick_device(args.device)
     model, _ = load_model(args.base, args.weights, device)
     base_print = fingerprint(model)
@@ -62,6 +62,8 @@ def main():
     if state and state["base_fingerprint"] != base_print:
         raise UserError(f"{args.out} was trained on another base model than {args.base}")
     images, labels = load_images(args.data, args.data_root, model.cfg.image_size)
+    if int(labels.max()) >= model.cfg.num_labels:
+        raise UserError(f"data has label {int(labels.max())}, the model knows 0..{model.cfg.num_labels - 1}")
     saved = config_from_dict(TrainConfig, state["train_config"]) if state else None
     tcfg = resolve_train_config(args, dataclasses.replace(TrainConfig(), **FINETUNE), len(images), saved)
     torch.manual_seed(tcfg.seed)

@@ -22,8 +22,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from config import (ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
-                    atomic_save, autocast_dtype, check_output_path, check_resume, config_from_dict, load_file, pick_device,
-                    rng_state, run_main, set_rng_state)
+                    atomic_save, autocast_dtype, check_output_path, check_resume, config_from_dict, load_file, make_folder,
+                    pick_device, rng_state, run_main, set_rng_state)
 from dataset import Batches, load_images
 from diffusion import Schedule, forward_diffusion
 from unet import UNet, check_model_config, count_parameters
@@ -104,12 +104,11 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
     start, epoch = time.time(), batches.epoch
     bar = tqdm(total=tcfg.max_steps, initial=progress.step, unit="step", dynamic_ncols=True)
     reason = "done"
-    with StopOnCtrlC() as ctrl_c:
+    with StopOnCtrlC() as ctrl_c, bar:                 # the bar is closed (its line ended) even on errors
         while progress.step < tcfg.max_steps:
             x0, labels = batches.next()
             loss = train_step(model, optimizer, sched, x0.to(device), labels.to(device), tcfg.p_uncond, dtype, scaler)
             if not math.isfinite(loss):
-                bar.close()
                 raise UserError(f"loss became {loss} at step {progress.step + 1}; stopped without saving it "
                                 f"(the last good checkpoint is kept). Try a lower --lr.")
             scheduler.step()
@@ -129,7 +128,6 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
                 epoch = batches.epoch
                 save()
         save()
-    bar.close()
     return reason
 
 
@@ -225,6 +223,8 @@ def resolve_train_config(args, defaults, n_images, saved=None):
     --epochs N becomes max_steps = N batches-per-epoch."""
     tcfg = apply_config_flags(saved or defaults, args)
     if args.epochs is not None:
+        if args.epochs < 1:
+            raise UserError(f"--epochs must be positive, got {args.epochs}")
         tcfg = dataclasses.replace(tcfg, max_steps=args.epochs * (n_images // max(1, min(tcfg.batch_size, n_images))))
     check_train_config(tcfg, args)
     if saved is not None:
@@ -235,7 +235,7 @@ def resolve_train_config(args, defaults, n_images, saved=None):
 def main():
     args = parse_args()
     check_output_path(args.out)
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir)
     device = pick_device(args.device)
     ckpt = load_file(args.out, "model") if args.resume else None
     mcfg = config_from_dict(ModelConfig, ckpt["model_config"]) if ckpt else apply_config_flags(ModelConfig(), args)
@@ -254,7 +254,11 @@ def main():
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     progress = Progress()
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{args.out} does not fit the model its config describes: "
+                            f"{str(e).splitlines()[1].strip()}") from None
         ema.load_state_dict(ckpt["ema"])
         progress = restore_training_state(ckpt, optimizer, scheduler, batches)
         print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")

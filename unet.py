@@ -106,6 +106,8 @@ class ConvBlock(nn.Module):
 
 def check_model_config(cfg):
     """Settings that cannot build a working UNet are refused with a clear message."""
+    if cfg.patch < 1 or not cfg.widths:
+        raise UserError(f"need patch >= 1 and at least one width (got patch {cfg.patch}, widths {cfg.widths})")
     size = cfg.image_size // cfg.patch                            # resolution of the first level
     if cfg.image_size % cfg.patch or size % 2 ** (len(cfg.widths) - 1):
         raise UserError(f"image_size {cfg.image_size} / patch {cfg.patch} must halve evenly "

@@ -1,0 +1,370 @@
+"""How fast and how big is our model, next to the tutorial's configuration, on THIS machine?
+
+    python bench/speed.py                  # the full benchmark (see --help); prints markdown tables
+    python bench/speed.py --quick          # a smoke test with tiny step counts (numbers are not meaningful)
+
+Everything is measured in one run on one machine, so compare the ratios, not the seconds. Shared
+machines are noisy, so the configurations are measured in interleaved rounds (A B C, A B C, ...)
+and each table shows the median round, with the fastest and slowest round in brackets.
+
+1. Training: images per second of train.train_step (AdamW, fixed random batch, warm-up steps not
+   counted) for our default model (with TrainConfig().precision, as `python train.py` runs it), the
+   same model in fp32, and the tutorial's UNet shape (48x48 pixels, no patching, widths 64..1024, one
+   context token) built by our own unet.py, in fp32 at the tutorial's batch of 64. Images/s make the
+   batch sizes comparable; "x tutorial" is the speed-up (target: >= 20x).
+2. Sampling 100 digits (10 per label) with diffusion.backward_denoise: DDPM-1000, DDIM-50, and DDIM-50
+   with guidance 2 (one batched forward of 200 per step). Random weights unless --checkpoint: the cost
+   does not depend on the weights. Then the whole CLI, `python denoise.py --per-label 10`, against a
+   bare `python -c "import torch, torchvision, matplotlib.pyplot"`: their difference is what our code
+   adds on top of importing the libraries (target: <= 5 s).
+3. Peak memory: peak resident set size (Linux VmHWM) of a fresh Python process that builds the model
+   and AdamW and runs a few training steps; the baseline process only imports torch and the project.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from config import ModelConfig, TrainConfig, UserError, atomic_save, autocast_dtype, run_main  # noqa: E402
+from dataset import Batches  # noqa: E402
+from diffusion import Schedule, backward_denoise  # noqa: E402
+from train import Progress, checkpoint_dict, load_model, lr_schedule, make_ema, train_step  # noqa: E402
+from unet import UNet, check_model_config, count_parameters  # noqa: E402
+
+# The tutorial's UNet shape, built with our blocks: 48x48 pixels directly, five levels, one token.
+TUTORIAL = ModelConfig(image_size=48, patch=1, widths=(64, 128, 256, 512, 1024), context_tokens=1)
+TUTORIAL_BATCH = 64
+BARE_IMPORTS = "import torch, torchvision, matplotlib.pyplot"
+
+# How much to measure. --quick only checks that everything runs.
+FULL = dict(train_rounds=5, train_steps=10, warmup_steps=3, sample_rounds=3, per_label=10, cli_runs=3,
+            memory_steps=3)
+QUICK = dict(train_rounds=2, train_steps=2, warmup_steps=1, sample_rounds=1, per_label=1, cli_runs=1,
+             memory_steps=1)
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, calls, device):
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_seconds(jobs, rounds, device):
+    """jobs: {name: (fn, calls per round)}. Runs every job once per round, in turn, so that a slow
+    spell of the machine hits all of them. Returns {name: [seconds per call, one per round]}."""
+    times = {name: [] for name in jobs}
+    for r in range(rounds):
+        for name, (fn, calls) in jobs.items():
+            times[name].append(seconds_per_call(fn, calls, device))
+            log(f"  round {r + 1}/{rounds}  {name}: {times[name][-1]:.3f} s")
+    return times
+
+
+def summary(seconds):
+    """Median and range of a list of timings."""
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "all": seconds}
+
+
+def precision_name(dtype):
+    return str(dtype).replace("torch.", "") if dtype else "fp32"
+
+
+def fmt_range(s, digits=3):
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+# ----------------------------------------------------------------------------- 1. training speed
+
+def make_train_step(cfg, batch_size, dtype, device):
+    """A fresh seeded UNet(cfg) with AdamW, and a function doing one train_step on a fixed random batch."""
+    check_model_config(cfg)
+    torch.manual_seed(0)
+    model = UNet(cfg).to(device)
+    tcfg = TrainConfig()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    sched = Schedule.from_config(cfg)
+    x0 = torch.rand(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    labels = torch.randint(0, cfg.num_labels, (batch_size,), device=device)
+    step = lambda: train_step(model, optimizer, sched, x0, labels, tcfg.p_uncond, dtype, scaler)  # noqa: E731
+    return model, step
+
+
+def training_setups(batch_size, device):
+    """[(name, config, batch size, autocast dtype)] for the three training measurements."""
+    default_dtype = autocast_dtype(TrainConfig().precision, device)
+    return [("default", ModelConfig(), batch_size, default_dtype),
+            ("default fp32", ModelConfig(), batch_size, None),
+            ("tutorial", TUTORIAL, TUTORIAL_BATCH, None)]
+
+
+def measure_training(plan, batch_size, device):
+    jobs, rows = {}, []
+    for name, cfg, batch, dtype in training_setups(batch_size, device):
+        model, step = make_train_step(cfg, batch, dtype, device)
+        tutorial = cfg is TUTORIAL
+        warmup = 1 if tutorial else plan["warmup_steps"]      # the tutorial shape is slow: few steps
+        log(f"training: {name}, {warmup} warm-up step(s)")
+        for _ in range(warmup):
+            step()
+        jobs[name] = (step, 1 if tutorial else plan["train_steps"])
+        rows.append(dict(name=name, params=count_parameters(model), batch=batch,
+                         precision=precision_name(dtype), steps_per_round=jobs[name][1]))
+    times = interleaved_seconds(jobs, plan["train_rounds"], device)
+    for row in rows:
+        row["s_per_step"] = summary(times[row["name"]])
+        row["images_per_s"] = row["batch"] / row["s_per_step"]["median"]
+    tutorial = rows[-1]["images_per_s"]
+    for row in rows:
+        row["x_tutorial"] = row["images_per_s"] / tutorial
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. sampling speed
+
+def write_random_checkpoint(path):
+    """A checkpoint with random weights in exactly the format train.py writes (enough for denoise.py)."""
+    torch.manual_seed(0)
+    model, tcfg = UNet(ModelConfig()), TrainConfig()
+    ema = make_ema(model, tcfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
+    images = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
+    batches = Batches(images, torch.arange(8) % 10, tcfg.batch_size, tcfg.seed)
+    atomic_save(checkpoint_dict(model, ema, optimizer, scheduler, batches, Progress(), tcfg), path)
+
+
+def samplers(T):
+    """[(name, sampler, steps, guidance)] to time: DDPM walks all T steps (T = 1000 by default)."""
+    return [(f"DDPM-{T}, guidance 0", "ddpm", T, 0.0),
+            ("DDIM-50, guidance 0", "ddim", 50, 0.0),
+            ("DDIM-50, guidance 2", "ddim", 50, 2.0)]
+
+
+def measure_sampling(plan, checkpoint, device):
+    model, _ = load_model(checkpoint, "ema", device)
+    sched = Schedule.from_config(model.cfg)
+    labels = torch.arange(model.cfg.num_labels).repeat_interleave(plan["per_label"])
+
+    def sampler(kind, steps, guidance):
+        g = torch.Generator(device=device).manual_seed(0)
+        return lambda: backward_denoise(model, sched, labels, kind, steps, 0.0, guidance, generator=g)
+
+    sampler("ddim", 2, 2.0)()                                           # warm-up
+    jobs = {name: (sampler(kind, steps, guidance), 1) for name, kind, steps, guidance in samplers(sched.T)}
+    log(f"sampling {len(labels)} digits")
+    times = interleaved_seconds(jobs, plan["sample_rounds"], device)
+    rows = []
+    for name, kind, steps, guidance in samplers(sched.T):
+        batch = len(labels) * (2 if guidance else 1)
+        rows.append(dict(name=name, forwards=f"{steps} x {batch}", seconds=summary(times[name])))
+    for row in rows:
+        row["x_ddpm"] = rows[0]["seconds"]["median"] / row["seconds"]["median"]
+    return rows, len(labels)
+
+
+def wall_seconds(cmd, env):
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def measure_cli(plan, checkpoint, device, env):
+    """Wall time of the sampling CLI and of bare library imports, alternating, median of each."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        cli = [sys.executable, "denoise.py", "--per-label", str(plan["per_label"]), "--checkpoint",
+               str(checkpoint), "--out-dir", out_dir, "--device", device.type]
+        bare = [sys.executable, "-c", BARE_IMPORTS]
+        times = {"cli": [], "bare": []}
+        for r in range(plan["cli_runs"]):
+            times["bare"].append(wall_seconds(bare, env))
+            times["cli"].append(wall_seconds(cli, env))
+            log(f"  run {r + 1}/{plan['cli_runs']}: bare imports {times['bare'][-1]:.1f} s, "
+                f"denoise.py {times['cli'][-1]:.1f} s")
+    cli_s, bare_s = summary(times["cli"]), summary(times["bare"])
+    command = f"python denoise.py --per-label {plan['per_label']} --checkpoint FILE --out-dir TMP"
+    return dict(command=command, cli=cli_s, bare=bare_s,
+                difference=cli_s["median"] - bare_s["median"])
+
+
+# ----------------------------------------------------------------------------- 3. peak memory
+
+def peak_rss_mib():
+    """This process's peak resident set size so far. Linux: VmHWM of /proc/self/status, because
+    ru_maxrss there also counts the parent's peak from before the fork+exec that started us."""
+    if os.path.isfile("/proc/self/status"):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 10                      # kB -> MiB
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss           # macOS: bytes, since exec
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+def memory_child(name, steps, batch_size, device):
+    """Runs inside the child process: train `steps` steps of setup `name` (or nothing, for the
+    baseline) and print the peak RSS as the last line of stdout."""
+    for setup_name, cfg, batch, dtype in training_setups(batch_size, device):
+        if setup_name == name:
+            _, step = make_train_step(cfg, batch, dtype, device)
+            for _ in range(steps):
+                step()
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+
+
+PARTS = ("training", "sampling", "cli", "memory")
+MEMORY_RUNS = ("baseline", "default", "tutorial")
+
+
+def measure_memory(plan, args, env):
+    setups = {n: (b, d) for n, _, b, d in training_setups(args.batch_size, torch.device(args.device))}
+    rows = []
+    for name in MEMORY_RUNS:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--batch-size",
+               str(args.batch_size), "--device", args.device] + (["--quick"] if args.quick else [])
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        log(f"memory: {name}")
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"memory run {name} failed:\n{done.stderr[-2000:]}")
+        peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+        if name == "baseline":
+            rows.append(dict(name=name, steps=0, batch=None, precision=None, peak_rss_mib=peak))
+        else:
+            batch, dtype = setups[name]
+            rows.append(dict(name=name, steps=plan["memory_steps"], batch=batch, precision=precision_name(dtype),
+                             peak_rss_mib=peak))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def markdown(results):
+    out = [f"Machine: {results['machine']}", ""]
+    if "training" in results:
+        out += ["| training | parameters | batch | precision | s/step: median (range) | images/s | x tutorial |",
+                "|---|---:|---:|---|---:|---:|---:|"]
+        for r in results["training"]:
+            out.append(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['batch']} | {r['precision']} | "
+                       f"{fmt_range(r['s_per_step'])} | {r['images_per_s']:.0f} | {r['x_tutorial']:.1f}x |")
+        out += ["", f"Training: median of {results['plan']['train_rounds']} interleaved rounds "
+                    "(each round: the default models take several steps, the tutorial shape one); "
+                    "warm-up steps not counted. Target: default >= 20x tutorial.", ""]
+    if "sampling" in results:
+        out += [f"| sampling {results['sampled_digits']} digits | network calls x batch | "
+                "seconds: median (range) | x faster than DDPM |", "|---|---|---:|---:|"]
+        for r in results["sampling"]:
+            out.append(f"| {r['name']} | {r['forwards']} | {fmt_range(r['seconds'], 2)} | {r['x_ddpm']:.0f}x |")
+        out += ["", f"Sampling: diffusion.backward_denoise, {results['weights']}, median of "
+                    f"{results['plan']['sample_rounds']} interleaved rounds.", ""]
+    if "cli" in results:
+        c = results["cli"]
+        out += ["| end to end (wall clock) | seconds: median (range) |", "|---|---:|",
+                f"| `{c['command']}` | {fmt_range(c['cli'], 1)} |",
+                f"| `python -c \"{BARE_IMPORTS}\"` | {fmt_range(c['bare'], 1)} |",
+                f"| **difference: what our code adds** | **{c['difference']:.1f}** |",
+                "", f"CLI: {results['plan']['cli_runs']} runs of each, alternating; "
+                    "target: difference <= 5 s.", ""]
+    if "memory" in results:
+        out += ["| peak memory (RSS) | training steps | batch | precision | peak RSS (MiB) |",
+                "|---|---:|---:|---|---:|"]
+        for r in results["memory"]:
+            out.append(f"| {r['name']} | {r['steps']} | {r['batch'] or '-'} | {r['precision'] or '-'} | "
+                       f"{r['peak_rss_mib']:.0f} |")
+        out += ["", "Memory: peak resident set size (VmHWM) of a fresh Python process that builds the model "
+                    "and AdamW and runs the steps on a fixed random batch; baseline = the same process "
+                    "without a model (Python + torch + the project's imports)."]
+    return "\n".join(out)
+
+
+def machine_summary(device):
+    cpu = "unknown CPU"
+    if os.path.isfile("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    if device.type == "cuda":
+        cpu = torch.cuda.get_device_name()
+    return f"{cpu}, device {device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1-2 rounds of 1-2 steps, 10 digits, 1 CLI run (numbers not meaningful)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="model file from train.py for the sampling and CLI timings "
+                             "(default: a random-weight checkpoint written to a temporary folder)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads here and OMP_NUM_THREADS for the subprocesses "
+                             "(default: torch's own default)")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size,
+                        help=f"training batch of the default model (default: %(default)s; "
+                             f"the tutorial shape always uses {TUTORIAL_BATCH}, as the tutorial did)")
+    parser.add_argument("--device", default="cpu", help="torch device to measure on (default: %(default)s)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated subset of what to measure (default: all: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    parser.add_argument("--memory-child", default=None, choices=MEMORY_RUNS,
+                        help="internal, used by the memory part: run one peak-memory measurement in "
+                             "this process and print it as JSON")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = QUICK if args.quick else FULL
+    device = torch.device(args.device)
+    if args.memory_child:
+        return memory_child(args.memory_child, plan["memory_steps"], args.batch_size, device)
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        raise UserError(f"--parts: expected a subset of {','.join(PARTS)}, got {args.parts!r}")
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    results = {"machine": machine_summary(device), "plan": plan}
+    if "training" in parts:
+        results["training"] = measure_training(plan, args.batch_size, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint and os.path.abspath(args.checkpoint)    # the CLI runs in the repo root
+        if checkpoint is None and parts & {"sampling", "cli"}:
+            checkpoint = os.path.join(tmp, "random.pt")
+            write_random_checkpoint(checkpoint)
+        results["weights"] = f"EMA weights of {checkpoint}" if args.checkpoint else "random weights"
+        if "sampling" in parts:
+            results["sampling"], results["sampled_digits"] = measure_sampling(plan, checkpoint, device)
+        if "cli" in parts:
+            log("end to end: denoise.py vs bare imports")
+            results["cli"] = measure_cli(plan, checkpoint, device, env)
+    if "memory" in parts:
+        results["memory"] = measure_memory(plan, args, env)
+    print(json.dumps(results, indent=1) if args.json else markdown(results))
+
+
+if __name__ == "__main__":
+    run_main(main)
