@@ -101,25 +101,35 @@ def to_model_range(images):
 
 class Batches:
     """Endless shuffled batches from in-memory tensors. Its state (epoch, position, RNG) goes in the
-    checkpoint, so that a resumed run sees exactly the batches the interrupted one would have."""
+    checkpoint, so that a resumed run sees exactly the batches the interrupted one would have.
 
-    def __init__(self, images, labels, batch_size, seed):
+    shard=(rank, world) is for torchrun's `world` processes (train.py): all of them draw the same GLOBAL
+    batch of world * batch_size images, exactly as one process with that batch size would, and each keeps
+    its own contiguous slice. With the default (0, 1) the one process keeps the whole batch."""
+
+    def __init__(self, images, labels, batch_size, seed, shard=(0, 1)):
         if batch_size < 1:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
-        self.images, self.labels, self.batch_size = images, labels, min(batch_size, len(images))
+        self.rank, self.world = shard
+        if len(images) < self.world:
+            raise UserError(f"{len(images)} images cannot be shared among {self.world} processes")
+        self.images, self.labels = images, labels
+        self.batch_size = min(batch_size, len(images) // self.world)      # per process
+        self.global_batch = self.batch_size * self.world                   # = batch_size with one process
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.pos = 0, 0
         self.order = torch.randperm(len(images), generator=self.generator)
 
     def __len__(self):                                     # batches per epoch (the last partial one is dropped)
-        return len(self.images) // self.batch_size
+        return len(self.images) // self.global_batch
 
     def next(self):
-        if self.pos + self.batch_size > len(self.images):
+        if self.pos + self.global_batch > len(self.images):
             self.epoch, self.pos = self.epoch + 1, 0
             self.order = torch.randperm(len(self.images), generator=self.generator)
-        idx = self.order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
+        idx = self.order[self.pos:self.pos + self.global_batch]
+        idx = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]     # this process's slice
+        self.pos += self.global_batch
         return to_model_range(self.images[idx]), self.labels[idx]
 
     def state_dict(self):

@@ -2,6 +2,7 @@
 
     python lora_finetune.py --data ../shared/data/mnist-t10k     # reads model.pt, writes lora.pt
     python lora_finetune.py --resume                              # continue from lora.pt
+    torchrun --standalone --nproc_per_node=8 lora_finetune.py ... # 8 GPUs (see train.py)
     python denoise.py --lora lora.pt                              # sample with the adapter
 
 The base checkpoint is only read, never written. The LoRA file holds the LoRA tensors, the rank,
@@ -16,13 +17,13 @@ import time
 import torch
 
 from config import (TrainConfig, UserError, add_config_flags, atomic_save, check_output_path,
-                    config_from_dict, load_file, make_folder, pick_device, run_main)
+                    config_from_dict, load_file, make_folder, run_main)
 from dataset import Batches, load_images
 from diffusion import Schedule
 from lora import (fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   mark_only_lora_trainable)
-from train import (Progress, finish_run, fit, load_model, lr_schedule, resolve_train_config,
-                   restore_training_state, training_state)
+from train import (Progress, end_distributed, finish_run, fit, load_model, lr_schedule, resolve_train_config,
+                   restore_training_state, setup_distributed, training_state)
 from unet import count_parameters
 
 # fine-tuning defaults that differ from training from scratch
@@ -55,7 +56,8 @@ def main():
         raise UserError("--out must not be the base checkpoint (fine-tuning never writes the base)")
     check_output_path(args.out)
     make_folder(args.out_dir)
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)     # torchrun: this is process `rank` of `world`
+    is_main = rank == 0                                       # only the main process prints and writes files
     model, _ = load_model(args.base, args.weights, device)
     base_print = fingerprint(model)
     state = load_file(args.out, "lora") if args.resume else None
@@ -65,9 +67,9 @@ def main():
     if int(labels.max()) >= model.cfg.num_labels:
         raise UserError(f"data has label {int(labels.max())}, the model knows 0..{model.cfg.num_labels - 1}")
     saved = config_from_dict(TrainConfig, state["train_config"]) if state else None
-    tcfg = resolve_train_config(args, dataclasses.replace(TrainConfig(), **FINETUNE), len(images), saved)
-    torch.manual_seed(tcfg.seed)
-    batches = Batches(images, labels, tcfg.batch_size, tcfg.seed)
+    tcfg = resolve_train_config(args, dataclasses.replace(TrainConfig(), **FINETUNE), len(images), saved, world)
+    torch.manual_seed(tcfg.seed)                              # the same in every process: the same LoRA weights
+    batches = Batches(images, labels, tcfg.batch_size, tcfg.seed, shard=(rank, world))
 
     names = inject_lora(model, tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha)
     params = mark_only_lora_trainable(model)
@@ -78,12 +80,14 @@ def main():
     if state:
         load_lora_state_dict(model, state["lora"])
         progress = restore_training_state(state, optimizer, scheduler, batches)
-        print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
+        if is_main:
+            print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
     n_train = sum(p.numel() for p in params)
     n_total = count_parameters(model)
-    print(f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers "
-          f"({', '.join(tcfg.lora_targets)}): training {n_train:,d} of {n_total:,d} parameters "
-          f"({100 * n_train / n_total:.2f}%)")
+    if is_main:
+        print(f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers "
+              f"({', '.join(tcfg.lora_targets)}): training {n_train:,d} of {n_total:,d} parameters "
+              f"({100 * n_train / n_total:.2f}%)" + (f", {world} processes" if world > 1 else ""))
 
     def save():
         atomic_save(lora_file_dict(model, names, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, base_print,
@@ -91,9 +95,12 @@ def main():
 
     sched = Schedule.from_config(model.cfg)
     t0 = time.time()
-    reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, None, args.time_budget)
-    print(f"{reason}: step {progress.step}, {(time.time() - t0) / 60:.1f} min; saved {args.out}")
-    finish_run(reason, model, sched, progress.losses, args.out_dir, "lora", tcfg.seed)
+    reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, None, args.time_budget,
+                 shard=(rank, world))
+    end_distributed(world)                                    # torchrun: wait for rank 0's file, then leave
+    if is_main:
+        print(f"{reason}: step {progress.step}, {(time.time() - t0) / 60:.1f} min; saved {args.out}")
+    finish_run(reason, model, sched, progress.losses, args.out_dir, "lora", tcfg.seed, is_main)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python train.py --data ../shared/data/mnist-t10k        # ~10 minutes on 2 CPU cores
     python train.py --resume                                 # continue an interrupted run
+    torchrun --standalone --nproc_per_node=8 train.py ...    # 8 GPUs, 8 x --batch-size images per step
     python train.py --help                                   # every setting
 
 Each step: pick x_0 and a random t, noise it in closed form, and teach the network to predict the
@@ -17,7 +18,9 @@ import signal
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
@@ -29,15 +32,21 @@ from diffusion import Schedule, forward_diffusion
 from unet import UNet, check_model_config, count_parameters
 
 
-def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None):
+def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None, shard=(0, 1)):
     """One optimizer step of DDPM's simplified loss; returns the loss as a float. With dtype (bf16 or
-    fp16) the forward pass runs under torch.autocast; fp16 also needs a GradScaler against underflow."""
-    B = x0.shape[0]
-    t = torch.randint(0, sched.T, (B,), device=x0.device)                 # t ~ Uniform{0..T-1}
+    fp16) the forward pass runs under torch.autocast; fp16 also needs a GradScaler against underflow.
+    shard=(rank, world): under torchrun, x0 is this process's slice of the global batch (see fit)."""
+    (rank, world), B, device = shard, x0.shape[0], x0.device
+    # The random numbers are drawn for the GLOBAL batch (every process's generator is in the same state)
+    # and each process keeps its slice: N processes then train exactly like one with N times the batch.
+    mine = slice(rank * B, (rank + 1) * B)
+    t = torch.randint(0, sched.T, (world * B,), device=device)[mine]     # t ~ Uniform{0..T-1}
     # classifier-free guidance: sometimes train with the "no label" token instead of the label
-    drop = torch.rand(B, device=x0.device) < p_uncond
-    labels = torch.where(drop, torch.full_like(labels, model.cfg.num_labels), labels)
-    x_t, eps = forward_diffusion(sched, x0, t)                           # x_t = sqrt(abar) x0 + sqrt(1-abar) eps
+    drop = (torch.rand(world * B, device=device) < p_uncond)[mine]
+    null_label = getattr(model, "module", model).cfg.num_labels          # (under torchrun model is DDP(UNet))
+    labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    eps = torch.randn(world * B, *x0.shape[1:], device=device)[mine]
+    x_t, eps = forward_diffusion(sched, x0, t, eps)                      # x_t = sqrt(abar) x0 + sqrt(1-abar) eps
     with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype is not None):
         eps_pred = model(x_t, t, labels)
     loss = F.mse_loss(eps_pred.float(), eps)                             # || eps - eps_theta(x_t, t, y) ||^2
@@ -95,19 +104,31 @@ class Progress:
     losses: list = dataclasses.field(default_factory=list)
 
 
-def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=None, time_budget=None):
+def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=None, time_budget=None,
+        shard=(0, 1)):
     """The training loop shared by train.py and lora_finetune.py. Calls save() at each epoch's end
-    and when stopping (max_steps, time budget, Ctrl-C). Returns why it stopped."""
+    and when stopping (max_steps, time budget, Ctrl-C). Returns why it stopped.
+    Under torchrun (shard = (rank, world), world > 1) every process runs this loop on its slice of each
+    batch, DDP averages the gradients, and only rank 0 shows progress and calls save()."""
+    rank, world = shard
     device = next(model.parameters()).device
     dtype = autocast_dtype(tcfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    net = model
+    if world > 1:   # torchrun: DDP all-reduces (averages) the gradients of all processes in backward()
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     start, epoch = time.time(), batches.epoch
-    bar = tqdm(total=tcfg.max_steps, initial=progress.step, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tcfg.max_steps, initial=progress.step, unit="step", dynamic_ncols=True, disable=rank > 0)
     reason = "done"
     with StopOnCtrlC() as ctrl_c, bar:                 # the bar is closed (its line ended) even on errors
         while progress.step < tcfg.max_steps:
             x0, labels = batches.next()
-            loss = train_step(model, optimizer, sched, x0.to(device), labels.to(device), tcfg.p_uncond, dtype, scaler)
+            loss = train_step(net, optimizer, sched, x0.to(device), labels.to(device), tcfg.p_uncond, dtype, scaler,
+                              shard)
+            interrupted = ctrl_c.requested
+            over_time = time_budget is not None and time.time() - start > 60 * time_budget
+            if world > 1:   # torchrun: log the mean loss of all processes; stop all together if any one asks
+                loss, interrupted, over_time = agree_across_processes(loss, interrupted, over_time, device=device)
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {progress.step + 1}; stopped without saving it "
                                 f"(the last good checkpoint is kept). Try a lower --lr.")
@@ -118,23 +139,28 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
             progress.losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", epoch=batches.epoch, lr=f"{scheduler.get_last_lr()[0]:.1e}")
-            if ctrl_c.requested:
+            if interrupted:
                 reason = "interrupted"
                 break
-            if time_budget is not None and time.time() - start > 60 * time_budget:
+            if over_time:
                 reason = "time budget"
                 break
             if batches.epoch != epoch:                                      # an epoch ended: save
                 epoch = batches.epoch
-                save()
-        save()
+                if rank == 0:
+                    save()
+        if rank == 0:
+            save()
     return reason
 
 
-def finish_run(reason, model, sched, losses, out_dir, prefix, seed):
-    """After fit(): exit with 130 if Ctrl-C stopped the run, else save a sample grid and the loss curve."""
+def finish_run(reason, model, sched, losses, out_dir, prefix, seed, is_main=True):
+    """After fit(): exit with 130 if Ctrl-C stopped the run, else save a sample grid and the loss curve
+    (under torchrun only rank 0 does, is_main)."""
     if reason == "interrupted":
         raise SystemExit(130)                                  # the shell's code for "stopped by Ctrl-C"
+    if not is_main:
+        return
     from denoise import save_loss_curve, save_sample_grid
     model.eval()
     grid, curve = os.path.join(out_dir, f"{prefix}_samples.png"), os.path.join(out_dir, f"{prefix}_loss.png")
@@ -143,20 +169,63 @@ def finish_run(reason, model, sched, losses, out_dir, prefix, seed):
     print(f"saved {grid} and {curve}")
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# `torchrun --nproc_per_node=N train.py ...` starts N copies of this script (one per GPU) and gives each its
+# RANK (0..N-1), the WORLD_SIZE N and its LOCAL_RANK (its GPU on this machine) in environment variables.
+# Plain `python train.py` sets none of them: one process, rank 0 of 1, and the code below does nothing.
+
+def setup_distributed(device_name):
+    """Returns (rank, world, device). Under torchrun: one GPU per process, joined by NCCL (or gloo on CPUs)."""
+    world, device = int(os.environ.get("WORLD_SIZE", 1)), pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun runs on --device cuda or cpu, not {device}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    return int(os.environ["RANK"]), world, device
+
+
+def agree_across_processes(loss, *flags, device):
+    """The mean of the loss over all processes, and each flag True if it is True in any process."""
+    values = torch.tensor([loss, *flags], dtype=torch.float64, device=device)
+    dist.all_reduce(values)                                             # a sum over the processes
+    return (values[0].item() / dist.get_world_size(), *(v > 0 for v in values[1:].tolist()))
+
+
+def end_distributed(world):
+    """Under torchrun: wait until every process, rank 0 writing its checkpoint included, got here; then
+    leave. (torchrun stops all processes as soon as one exits with an error code, e.g. 130 after Ctrl-C.)"""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def training_state(optimizer, scheduler, batches, progress, tcfg):
     """The part of a checkpoint that lets --resume continue exactly (lora_finetune.py saves it too)."""
     return {"train_config": dataclasses.asdict(tcfg), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "batches": batches.state_dict(), "rng": rng_state(),
-            "step": progress.step, "epoch": batches.epoch, "losses": progress.losses}
+            "step": progress.step, "epoch": batches.epoch, "losses": progress.losses,
+            "world_size": batches.world}
 
 
 def restore_training_state(state, optimizer, scheduler, batches):
+    world = state.get("world_size", 1)
+    if world != batches.world:      # the global batch, hence the data order, depends on the number of processes
+        raise UserError(f"--resume: this run was trained by {world} process(es), resume it with the same number "
+                        f"(torchrun --nproc_per_node={world}, or plain python for 1), not {batches.world}")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["batches"])
     set_rng_state(state["rng"])
+    if world > 1 and state["rng"]["cuda"] and torch.cuda.is_available():   # torchrun: every GPU continues
+        # from rank 0's GPU's generator (all of them drew the same numbers), not from its own saved one
+        torch.cuda.set_rng_state(state["rng"]["cuda"][0])          # (the current device: this process's)
     return Progress(state["step"], state["losses"])
 
 
@@ -218,14 +287,15 @@ def check_train_config(tcfg, args):
         raise UserError(f"--time-budget must be positive, got {args.time_budget}")
 
 
-def resolve_train_config(args, defaults, n_images, saved=None):
+def resolve_train_config(args, defaults, n_images, saved=None, world=1):
     """The run's TrainConfig: the defaults, or a resumed run's own settings, plus the user's flags.
-    --epochs N becomes max_steps = N batches-per-epoch."""
+    --epochs N becomes max_steps = N batches-per-epoch (batches of world * batch_size images under torchrun)."""
     tcfg = apply_config_flags(saved or defaults, args)
     if args.epochs is not None:
         if args.epochs < 1:
             raise UserError(f"--epochs must be positive, got {args.epochs}")
-        tcfg = dataclasses.replace(tcfg, max_steps=args.epochs * (n_images // max(1, min(tcfg.batch_size, n_images))))
+        global_batch = max(1, min(tcfg.batch_size * world, n_images))
+        tcfg = dataclasses.replace(tcfg, max_steps=args.epochs * (n_images // global_batch))
     check_train_config(tcfg, args)
     if saved is not None:
         check_resume(saved, tcfg)
@@ -236,7 +306,8 @@ def main():
     args = parse_args()
     check_output_path(args.out)
     make_folder(args.out_dir)
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)     # torchrun: this is process `rank` of `world`
+    is_main = rank == 0                                       # only the main process prints and writes files
     ckpt = load_file(args.out, "model") if args.resume else None
     mcfg = config_from_dict(ModelConfig, ckpt["model_config"]) if ckpt else apply_config_flags(ModelConfig(), args)
     check_model_config(mcfg)                       # before the (slow) data loading
@@ -244,11 +315,11 @@ def main():
     if int(labels.max()) >= mcfg.num_labels:
         raise UserError(f"data has label {int(labels.max())}, the model knows 0..{mcfg.num_labels - 1}")
     saved = config_from_dict(TrainConfig, ckpt["train_config"]) if ckpt else None
-    tcfg = resolve_train_config(args, TrainConfig(), len(images), saved)
+    tcfg = resolve_train_config(args, TrainConfig(), len(images), saved, world)
 
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)                              # the same in every process: the same weights
     model = UNet(mcfg).to(device)
-    batches = Batches(images, labels, tcfg.batch_size, tcfg.seed)
+    batches = Batches(images, labels, tcfg.batch_size, tcfg.seed, shard=(rank, world))
     ema = make_ema(model, tcfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
@@ -261,20 +332,26 @@ def main():
                             f"{str(e).splitlines()[1].strip()}") from None
         ema.load_state_dict(ckpt["ema"])
         progress = restore_training_state(ckpt, optimizer, scheduler, batches)
-        print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
-    print(f"{len(images)} images, {len(batches)} batches of {batches.batch_size} per epoch, "
-          f"{count_parameters(model):,d} parameters, device {device}, "
-          f"autocast {autocast_dtype(tcfg.precision, device) or 'off (fp32)'}")
+        if is_main:
+            print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
+    if is_main:
+        per_process = f" ({world} processes x {batches.batch_size})" if world > 1 else ""
+        print(f"{len(images)} images, {len(batches)} batches of {batches.global_batch}{per_process} per epoch, "
+              f"{count_parameters(model):,d} parameters, device {device}, "
+              f"autocast {autocast_dtype(tcfg.precision, device) or 'off (fp32)'}")
 
     def save():
         atomic_save(checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg), args.out)
 
     sched = Schedule.from_config(mcfg)
     t0 = time.time()
-    reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema, args.time_budget)
-    minutes = (time.time() - t0) / 60
-    print(f"{reason}: step {progress.step}, epoch {batches.epoch}, {minutes:.1f} min; saved {args.out}")
-    finish_run(reason, ema.module, sched, progress.losses, args.out_dir, "train", tcfg.seed)
+    reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema, args.time_budget,
+                 shard=(rank, world))
+    end_distributed(world)                                    # torchrun: wait for rank 0's checkpoint, then leave
+    if is_main:
+        minutes = (time.time() - t0) / 60
+        print(f"{reason}: step {progress.step}, epoch {batches.epoch}, {minutes:.1f} min; saved {args.out}")
+    finish_run(reason, ema.module, sched, progress.losses, args.out_dir, "train", tcfg.seed, is_main)
 
 
 if __name__ == "__main__":
