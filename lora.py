@@ -371,7 +371,7 @@ def demo():
     print(f"LoRA (r={tc.lora_rank}, alpha={tc.lora_alpha}) injected into {len(names)} layers, e.g. {names[0]}")
     print(f"trainable {sum(p.numel() for p in trainable):,d} of {count_parameters(model):,d} parameters")
     print(f"fresh LoRA changes the output by {(model(x, t, labels) - before).abs().max():.1e} (B = 0)")
-    print("other targets: " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items()))
+    print(f"--lora-targets can name any of {', '.join(TARGETS)} (see TARGETS in lora.py)")
 
 
 def main():
