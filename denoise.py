@@ -3,6 +3,8 @@
     python denoise.py                              # outputs/denoise_process.png and outputs/samples.png
     python denoise.py --labels 3,3,7 --per-label 4 --sampler ddpm
     python denoise.py --lora lora.pt --merge       # fold the adapter into the weights first
+    python denoise.py --lora lora.pt --lora-scale 0.5            # half of the adapter's update
+    python denoise.py --lora a.pt:0.7 --lora b.pt:0.5            # two adapters, weighted
     python denoise.py --per-label 100 --save-samples s.pt      # for bench/evaluate.py
 """
 import argparse
@@ -125,12 +127,30 @@ def parse_labels(text, num_labels):
     return labels
 
 
+def parse_lora_arg(text):
+    """'a.pt:0.7' -> ('a.pt', 0.7); 'a.pt' -> ('a.pt', 1.0). A ':' followed by no number is part of the path."""
+    path, sep, weight = text.rpartition(":")
+    try:
+        value = float(weight) if sep and path else None
+    except ValueError:
+        value = None
+    if value is None:
+        return text, 1.0
+    if not value >= 0:
+        raise UserError(f"--lora {text}: the weight must be >= 0, got {weight}")
+    return path, value
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description="Sample from a trained model and plot the denoising steps.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", default="model.pt", help="base model written by train.py")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights")
-    parser.add_argument("--lora", default=None, help="LoRA file written by lora_finetune.py")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="LoRA file written by lora_finetune.py, optionally with a weight (default 1); "
+                        "repeat to combine adapters: their updates add up, each times its weight")
+    parser.add_argument("--lora-scale", type=float, default=1.0,
+                        help="multiplies every adapter's update: 0 = base model exactly, 1 = as trained")
     parser.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base layers first")
     parser.add_argument("--labels", default="0-9", help="labels to draw, e.g. 0-9 or 3,3,7")
     parser.add_argument("--per-label", type=int, default=1, help="samples per label")
@@ -157,6 +177,11 @@ def main():
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     if args.merge and not args.lora:
         raise UserError("--merge needs --lora FILE")
+    if not args.lora_scale >= 0:
+        raise UserError(f"--lora-scale must be >= 0, got {args.lora_scale}")
+    if args.lora_scale != 1.0 and not args.lora:
+        raise UserError("--lora-scale needs --lora FILE")
+    adapters = [parse_lora_arg(text) for text in args.lora]
     make_folder(args.out_dir)
     if args.save_samples:
         check_output_path(args.save_samples)
@@ -164,11 +189,15 @@ def main():
     device = pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, args.weights, device)
     labels = torch.tensor(parse_labels(args.labels, model.cfg.num_labels)).repeat_interleave(args.per_label)
-    if args.lora:
-        from lora import apply_lora_file, merge_lora
-        apply_lora_file(model, args.lora)
+    if adapters:
+        from lora import apply_lora_files, merge_lora, set_lora_scale
+        files = apply_lora_files(model, adapters)
+        set_lora_scale(model, args.lora_scale)
         if args.merge:
             merge_lora(model)
+        print("LoRA " + ", ".join(f"{path} x{w:g} (r={f['rank']}, {','.join(f['targets'])})"
+                                  for (path, w), f in zip(adapters, files))
+              + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
     sched = Schedule.from_config(model.cfg)
 
     g = torch.Generator(device=device).manual_seed(args.seed)

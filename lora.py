@@ -6,53 +6,184 @@ A frozen linear layer y = W x gets a trainable detour through rank r:
 
 so at the start the model is unchanged (B = 0) and only r * (in + out) numbers per layer train.
 After training, the detour can be folded into W (merge_lora): W' = W + (A B)^T alpha / r, and the
-model runs exactly as fast as before.
+model runs exactly as fast as before. unmerge_lora puts the original W back.
 
-    python lora.py          # injects LoRA into a fresh UNet and prints what trains
+A frozen 3x3 convolution gets the same kind of detour (LoraConv2d): a k x k conv down to r channels
+followed by a 1x1 conv back up, which is again a k x k conv of rank r, so it merges the same way.
+
+    python lora.py                                  # injects LoRA into a fresh UNet and prints what trains
+    python lora.py --inspect lora.pt --base model.pt    # how big each layer's update is
 """
+import argparse
+import copy
 import hashlib
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from config import UserError, load_file
 
+# The names --lora-targets understands, and the layers each one covers.
+TARGETS = {
+    "Wq": "the attention query projection (nn.Linear named Wq)",
+    "Wk": "the attention key projection (Wk)",
+    "Wv": "the attention value projection (Wv)",
+    "Wo": "the attention output projection (Wo)",
+    "ff": "the two nn.Linear of each Transformer block's feed-forward (ff.0 and ff.2)",
+    "conv": "every nn.Conv2d inside a ConvBlock (conv1, conv2 and a 1x1 skip)",
+}
 
-class LoraLayer(nn.Module):
-    """Wraps a frozen nn.Linear `base`; output = base(x) + (x @ A @ B) * alpha / r * scale."""
 
-    def __init__(self, base: nn.Linear, r, alpha):
-        super().__init__()
+# ----------------------------------------------------------------------------- the LoRA layers
+
+def delta_from(lora_a, lora_b, factor):
+    """The update a LoRA pair adds to its base weight, times `factor` (alpha / r * scale):
+    linear: A (in, r), B (r, out)          ->  dW = (A B)^T                      (out, in)
+    conv:   A (r, in, k, k), B (out, r, 1, 1) -> a 1x1 conv after a k x k conv is one k x k conv:
+            dW[o, i] = sum_r B[o, r] A[r, i]  (out, in, k, k)"""
+    if lora_a.dim() == 2:
+        return (lora_a @ lora_b).T * factor
+    return torch.einsum("or,rikl->oikl", lora_b[:, :, 0, 0], lora_a) * factor
+
+
+class LoraBase(nn.Module):
+    """What LoraLayer and LoraConv2d share: output = base(x) + detour(x) * alpha / r * scale,
+    the `scale` knob (0 = base model only, 1 = adapter as trained), and merging into base.weight."""
+    A_RANK_DIM = B_RANK_DIM = None          # which axis of lora_a / lora_b is the rank r
+
+    def _init_lora(self, base, r, alpha):
         if r < 1:
             raise UserError(f"LoRA rank must be >= 1, got {r}")
         self.base, self.r, self.alpha = base, r, alpha
-        self.scale = 1.0                                     # 0 = base model only, 1 = adapter as trained
+        self.scale = 1.0
+        self.merged = False                 # True while delta_weight() is folded into base.weight
+        self.unmerged_weight = None         # the original base.weight while merged (to undo exactly)
+
+    def factor(self):
+        return self.alpha / self.r * self.scale
+
+    def delta_weight(self):
+        """The update LoRA adds to base.weight: (A B)^T * alpha / r * scale (see delta_from)."""
+        return delta_from(self.lora_a, self.lora_b, self.factor())
+
+    def forward(self, x):
+        if self.merged or self.scale == 0:  # merged: base.weight already holds W + dW
+            return self.base(x)
+        return self.base(x) + self.detour(x) * self.factor()
+
+    @torch.no_grad()
+    def merge(self):
+        """W' = W + dW, computed in fp32. Keeps W itself to undo: W + dW - dW is not always W again
+        in floating point (and far from it in bf16), a copy is."""
+        if self.merged:
+            raise UserError("LoRA is already merged into the weights; merging again would add it twice "
+                            "(unmerge_lora first)")
+        weight = self.base.weight
+        self.unmerged_weight = weight.detach().clone()
+        weight.copy_((weight.float() + self.delta_weight().float()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W' -> W: puts the base weight from before merge() back."""
+        if not self.merged:
+            raise UserError("LoRA is not merged, there is nothing to unmerge")
+        self.base.weight.copy_(self.unmerged_weight)
+        self.unmerged_weight, self.merged = None, False
+
+
+class LoraLayer(LoraBase):
+    """Wraps a frozen nn.Linear `base`; output = base(x) + (x @ A @ B) * alpha / r * scale."""
+    A_RANK_DIM, B_RANK_DIM = 1, 0
+
+    def __init__(self, base: nn.Linear, r, alpha):
+        super().__init__()
+        self._init_lora(base, r, alpha)
         self.lora_a = nn.Parameter(torch.empty(base.in_features, r))
         self.lora_b = nn.Parameter(torch.zeros(r, base.out_features))
         # Kaiming-uniform with fan_in = in_features, as nn.Linear initialises its own weight. (The
         # tutorial called kaiming_uniform_ on the (in, r) tensor, whose fan_in is then r.)
         nn.init.kaiming_uniform_(self.lora_a.T, a=math.sqrt(5))
 
-    def delta_weight(self):
-        """The update LoRA adds to base.weight (out, in): (A B)^T * alpha / r * scale."""
-        return (self.lora_a @ self.lora_b).T * (self.alpha / self.r * self.scale)
+    def detour(self, x):
+        return x @ self.lora_a @ self.lora_b                     # (.., in) -> (.., r) -> (.., out)
 
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_a @ self.lora_b) * (self.alpha / self.r * self.scale)
+
+class LoraConv2d(LoraBase):
+    """Wraps a frozen nn.Conv2d `base` (k x k, in -> out); output = base(x) + B(A(x)) * alpha / r * scale
+    with A a k x k conv in -> r (same stride and padding as base, no bias) and B a 1x1 conv r -> out
+    starting at zero, so a fresh adapter changes nothing. r * (in k k + out) numbers train."""
+    A_RANK_DIM, B_RANK_DIM = 0, 1
+
+    def __init__(self, base: nn.Conv2d, r, alpha):
+        super().__init__()
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise UserError("LoraConv2d handles plain convolutions only (groups=1, zero padding)")
+        self._init_lora(base, r, alpha)
+        k = base.kernel_size
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_channels, *k))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_channels, r, 1, 1))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))   # fan_in = in * k * k, as nn.Conv2d does
+
+    def detour(self, x):
+        base = self.base
+        h = F.conv2d(x, self.lora_a, None, base.stride, base.padding, base.dilation)   # (B, r, H', W')
+        return F.conv2d(h, self.lora_b)                                                # (B, out, H', W')
+
+
+def lora_layers(model):
+    """{full name: layer} of every LoRA layer in the model, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraBase)}
+
+
+# ----------------------------------------------------------------------------- putting LoRA in
+
+def check_lora_targets(targets):
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise UserError(f"unknown LoRA target {', '.join(map(repr, unknown))}; valid: {', '.join(TARGETS)}")
+
+
+def target_of(model, name, module):
+    """The --lora-targets name that covers this layer, or None."""
+    from unet import ConvBlock
+    parts = name.split(".")
+    if type(module) is nn.Linear:
+        if parts[-1] in ("Wq", "Wk", "Wv", "Wo"):
+            return parts[-1]
+        if len(parts) > 1 and parts[-2] == "ff":                 # ff.0 and ff.2 inside a TransformerBlock
+            return "ff"
+    if type(module) is nn.Conv2d and isinstance(model.get_submodule(".".join(parts[:-1])), ConvBlock):
+        return "conv"
+    return None
+
+
+def wrap_layer(model, name, r, alpha):
+    """Replace the layer `name` by a LoRA layer around it: LoraLayer for nn.Linear, LoraConv2d for nn.Conv2d."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    base = getattr(parent, child)
+    kinds = {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d}
+    if type(base) not in kinds:
+        raise UserError(f"cannot put LoRA on {name}: it is a {type(base).__name__} "
+                        "(already adapted, or not a linear/conv layer)")
+    layer = kinds[type(base)](base, r, alpha).to(base.weight.device)
+    setattr(parent, child, layer)
+    return layer
 
 
 def inject_lora(model, targets=("Wq", "Wk", "Wv"), r=4, alpha=4.0):
-    """Replace every nn.Linear whose own name is in `targets` by a LoraLayer wrapping it.
-    Returns the replaced layers' full names. (The tutorial's inject_lora took one layer at a time.)"""
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.split(".")[-1] in targets]
+    """Wrap every layer that one of `targets` covers (see TARGETS) in a LoRA layer.
+    Returns the wrapped layers' full names. (The tutorial's inject_lora took one layer at a time.)"""
+    check_lora_targets(targets)
+    names = [name for name, m in model.named_modules() if target_of(model, name, m) in targets]
     if not names:
-        raise UserError(f"no nn.Linear layer is named {', '.join(targets)}")
+        raise UserError(f"no layer of this model is covered by {', '.join(targets) or 'no targets'}")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoraLayer(getattr(parent, child), r, alpha))
+        wrap_layer(model, name, r, alpha)
     return names
 
 
@@ -84,28 +215,65 @@ def load_lora_state_dict(model, state):
     model.load_state_dict(state, strict=False)
 
 
-def merge_lora(model):
-    """Fold every LoraLayer into a plain nn.Linear with W' = W + (A B)^T alpha / r (computed in fp32).
-    (The tutorial looped `for name, layer in model`, which crashes.)"""
-    merged = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-    for name in merged:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        lora = getattr(parent, child)
-        with torch.no_grad():
-            weight = lora.base.weight.float() + lora.delta_weight().float()
-            lora.base.weight.copy_(weight.to(lora.base.weight.dtype))
-        setattr(parent, child, lora.base)
-    return merged
+# ----------------------------------------------------------------------------- using a trained adapter
 
+def set_lora_scale(model, scale):
+    """How much of the adapters to use: 0 = the base model exactly, 1 = as trained, in between = a blend
+    (dW is linear in scale), above 1 = exaggerated."""
+    if not scale >= 0:
+        raise UserError(f"LoRA scale must be >= 0, got {scale}")
+    for name, m in lora_layers(model).items():
+        if m.merged:
+            raise UserError(f"{name} is merged; unmerge_lora before changing the scale")
+        m.scale = scale
+
+
+def merge_lora(model):
+    """Fold every LoRA layer into its base weight: W' = W + (A B)^T alpha / r * scale (in fp32). The
+    LoRA layers stay in place (merged = True, they then just call base) so that unmerge_lora can undo
+    it; merging twice is refused. (The tutorial looped `for name, layer in model`, which crashes.)"""
+    layers = lora_layers(model)
+    if any(m.merged for m in layers.values()):
+        raise UserError("LoRA is already merged into the weights; merging again would add it twice "
+                        "(unmerge_lora first)")
+    for m in layers.values():
+        m.merge()
+    return list(layers)
+
+
+def unmerge_lora(model):
+    """Undo merge_lora: every base weight is again exactly what it was before merging."""
+    layers = {name: m for name, m in lora_layers(model).items() if m.merged}
+    if not layers:
+        raise UserError("no merged LoRA layer to unmerge")
+    for m in layers.values():
+        m.unmerge()
+    return list(layers)
+
+
+def unwrap_lora(model):
+    """After merge_lora: replace each LoRA layer by its (merged) base layer. The model is then a plain
+    UNet again, as fast as the original, but the merge can no longer be undone."""
+    layers = lora_layers(model)
+    if not all(m.merged for m in layers.values()):
+        raise UserError("merge_lora before unwrap_lora (an unmerged adapter would be lost)")
+    for name, m in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, m.base)
+    return list(layers)
+
+
+# ----------------------------------------------------------------------------- LoRA files
 
 def fingerprint(model):
-    """A short hash of a model's weights, stored in LoRA files to recognise the base they were made for."""
+    """A short hash of a model's weights, stored in LoRA files to recognise the base they were made for.
+    LoRA tensors are skipped and a LoRA layer's 'X.base.weight' counts as 'X.weight', so an injected
+    (unmerged) model has its base's fingerprint; a merged one has not: its weights changed."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         if name.split(".")[-1] in ("lora_a", "lora_b"):
             continue
-        h.update(name.encode())
+        h.update(name.replace(".base.", ".").encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.dtype != torch.bfloat16
                  else tensor.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -125,12 +293,72 @@ def apply_lora_file(model, path):
     if f["base_fingerprint"] != base:
         raise UserError(f"{path} was trained on another base model (fingerprint {f['base_fingerprint']}, "
                         f"this checkpoint is {base})")
-    inject_lora(model, tuple(f["targets"]), f["rank"], f["alpha"])
+    names = inject_lora(model, tuple(f["targets"]), f["rank"], f["alpha"])
+    if names != list(f["layers"]):
+        raise UserError(f"{path} adapts other layers than its targets {f['targets']} cover in this model")
     load_lora_state_dict(model, f["lora"])
     return f
 
 
-if __name__ == "__main__":
+def apply_lora_files(model, adapters):
+    """Load several adapters at once, adapters = [(path, weight), ...]; returns the files' dicts.
+
+    Each layer gets ONE LoRA branch whose rank is the sum of the adapters' ranks, because a sum of
+    low-rank updates is a low-rank update with the factors stacked along r:
+
+        sum_i w_i (A_i B_i)^T alpha_i / r_i  =  ([A_1 ... A_n] [c_1 B_1; ...; c_n B_n])^T,  c_i = w_i alpha_i / r_i
+
+    so the combined layer has alpha = r (alpha / r = 1), and scale, merge_lora and unmerge_lora work
+    for it exactly as for one adapter. (A conv stacks A's output channels and B's input channels.)"""
+    probes, files = [], []
+    for path, weight in adapters:           # every check of apply_lora_file, on a throwaway copy
+        probe = copy.deepcopy(model)
+        files.append(apply_lora_file(probe, path))
+        probes.append((lora_layers(probe), weight))
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    names = sorted({name for layers, _ in probes for name in layers}, key=position.get)
+    for name in names:
+        parts = [(layers[name], w) for layers, w in probes if name in layers]
+        r = sum(m.r for m, _ in parts)
+        layer = wrap_layer(model, name, r, alpha=float(r))
+        with torch.no_grad():
+            layer.lora_a.copy_(torch.cat([m.lora_a for m, _ in parts], dim=layer.A_RANK_DIM))
+            layer.lora_b.copy_(torch.cat([m.lora_b * (w * m.alpha / m.r) for m, w in parts], dim=layer.B_RANK_DIM))
+    return files
+
+
+# ----------------------------------------------------------------------------- the script
+
+def inspect(path, base_path=None, weights="ema"):
+    """Print, per adapted layer in model order, ||dW||_F of its update dW = (A B)^T alpha / r (and
+    relative to ||W||_F of the base layer with --base), then the totals."""
+    f = load_file(path, "lora")
+    base = None
+    if base_path:
+        from train import load_model
+        base, _ = load_model(base_path, weights)
+        if fingerprint(base) != f["base_fingerprint"]:
+            raise UserError(f"{path} was trained on another base model than {base_path} ({weights} weights)")
+    print(f"{path}: rank {f['rank']}, alpha {f['alpha']}, targets {','.join(f['targets'])}, "
+          f"{len(f['layers'])} layers")
+    print(f"{'layer':40s} {'dW shape':>18s} {'||dW||':>9s}" + (f" {'||W||':>9s} {'||dW||/||W||':>13s}" if base else ""))
+    total_sq = 0.0
+    for layer in f["layers"]:
+        a, b = f["lora"][f"{layer}.lora_a"].float(), f["lora"][f"{layer}.lora_b"].float()
+        delta = delta_from(a, b, f["alpha"] / f["rank"])
+        norm = delta.norm().item()                           # Frobenius: sqrt(sum of squares)
+        total_sq += norm ** 2
+        line = f"{layer:40s} {str(tuple(delta.shape)):>18s} {norm:9.4f}"
+        if base is not None:
+            w = base.get_submodule(layer).weight.float().norm().item()
+            line += f" {w:9.4f} {100 * norm / w:12.3f}%"
+        print(line)
+    n = sum(t.numel() for t in f["lora"].values())
+    print(f"total: {len(f['layers'])} layers, {n:,d} LoRA parameters, ||dW|| over all layers "
+          f"{math.sqrt(total_sq):.4f}, file {os.path.getsize(path) / 1024:.1f} KiB")
+
+
+def demo():
     from config import ModelConfig, TrainConfig
     from unet import UNet, count_parameters
     tc = TrainConfig()
@@ -143,3 +371,24 @@ if __name__ == "__main__":
     print(f"LoRA (r={tc.lora_rank}, alpha={tc.lora_alpha}) injected into {len(names)} layers, e.g. {names[0]}")
     print(f"trainable {sum(p.numel() for p in trainable):,d} of {count_parameters(model):,d} parameters")
     print(f"fresh LoRA changes the output by {(model(x, t, labels) - before).abs().max():.1e} (B = 0)")
+    print(f"--lora-targets can name any of {', '.join(TARGETS)} (see TARGETS in lora.py)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Without flags: a small LoRA demo on a fresh UNet. "
+                                     "With --inspect: the size of each layer's update in a LoRA file.")
+    parser.add_argument("--inspect", metavar="FILE", help="LoRA file written by lora_finetune.py")
+    parser.add_argument("--base", default=None, help="base checkpoint, to show ||dW|| relative to ||W||")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which base weights (with --base)")
+    args = parser.parse_args()
+    if args.inspect:
+        inspect(args.inspect, args.base, args.weights)
+    elif args.base:
+        raise UserError("--base goes with --inspect FILE")
+    else:
+        demo()
+
+
+if __name__ == "__main__":
+    from config import run_main
+    run_main(main)

@@ -4,10 +4,15 @@
     python lora_finetune.py --resume                              # continue from lora.pt
     torchrun --standalone --nproc_per_node=8 lora_finetune.py ... # 8 GPUs (see train.py)
     python denoise.py --lora lora.pt                              # sample with the adapter
+    python lora_finetune.py --lora-targets Wq,Wk,Wv,Wo,ff,conv     # adapt more than the attention
+    python lora_finetune.py --full --out full.pt                  # for comparison: train ALL weights
 
 The base checkpoint is only read, never written. The LoRA file holds the LoRA tensors, the rank,
 alpha and target layers, and a fingerprint of the base weights, so it is refused on another base.
 It also keeps the optimizer and data position, so that --resume continues exactly.
+
+--full fine-tunes every base parameter instead (same data, steps, seed and training loop) and
+writes an ordinary model checkpoint, as train.py does (with its EMA, which denoise.py uses by default).
 """
 import argparse
 import dataclasses
@@ -20,10 +25,10 @@ from config import (TrainConfig, UserError, add_config_flags, atomic_save, check
                     config_from_dict, load_file, make_folder, run_main)
 from dataset import Batches, load_images
 from diffusion import Schedule
-from lora import (fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
+from lora import (check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   mark_only_lora_trainable)
-from train import (Progress, end_distributed, finish_run, fit, load_model, lr_schedule, resolve_train_config,
-                   restore_training_state, setup_distributed, training_state)
+from train import (Progress, checkpoint_dict, end_distributed, finish_run, fit, load_model, lr_schedule,
+                   make_ema, resolve_train_config, restore_training_state, setup_distributed, training_state)
 from unet import count_parameters
 
 # fine-tuning defaults that differ from training from scratch
@@ -37,7 +42,11 @@ def parse_args():
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which base weights to adapt")
     parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
     parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
-    parser.add_argument("--out", default="lora.pt", help="LoRA file (written atomically)")
+    parser.add_argument("--out", default=None, help="LoRA file (written atomically); default lora.pt, "
+                        "or full.pt with --full")
+    parser.add_argument("--full", action="store_true",
+                        help="fine-tune ALL base parameters instead of LoRA (--lora-* ignored) and write a "
+                        "model checkpoint like train.py's, for comparison")
     parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the data (overrides --max-steps)")
@@ -52,16 +61,20 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.out is None:
+        args.out = "full.pt" if args.full else "lora.pt"
     if os.path.abspath(args.out) == os.path.abspath(args.base):
         raise UserError("--out must not be the base checkpoint (fine-tuning never writes the base)")
     check_output_path(args.out)
+    if args.lora_targets:
+        check_lora_targets(tuple(t for t in args.lora_targets.split(",") if t))   # before loading any data
     make_folder(args.out_dir)
     rank, world, device = setup_distributed(args.device)     # torchrun: this is process `rank` of `world`
     is_main = rank == 0                                       # only the main process prints and writes files
     model, _ = load_model(args.base, args.weights, device)
     base_print = fingerprint(model)
-    state = load_file(args.out, "lora") if args.resume else None
-    if state and state["base_fingerprint"] != base_print:
+    state = load_file(args.out, "model" if args.full else "lora") if args.resume else None
+    if state and state.get("base_fingerprint") != base_print:
         raise UserError(f"{args.out} was trained on another base model than {args.base}")
     images, labels = load_images(args.data, args.data_root, model.cfg.image_size)
     if int(labels.max()) >= model.cfg.num_labels:
@@ -71,36 +84,52 @@ def main():
     torch.manual_seed(tcfg.seed)                              # the same in every process: the same LoRA weights
     batches = Batches(images, labels, tcfg.batch_size, tcfg.seed, shard=(rank, world))
 
-    names = inject_lora(model, tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha)
-    params = mark_only_lora_trainable(model)
+    ema = None
+    if args.full:          # every weight trains, and an EMA of them is kept as train.py does
+        params = list(model.parameters())
+        ema = make_ema(model, tcfg.ema_decay)
+        what = "full fine-tune (every base parameter)"
+    else:                  # only the LoRA A and B train
+        names = inject_lora(model, tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha)
+        params = mark_only_lora_trainable(model)
+        what = f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers ({', '.join(tcfg.lora_targets)})"
     model.train()
+    # no weight decay in either mode: it would pull the trained base weights (or A) towards zero
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     progress = Progress()
     if state:
-        load_lora_state_dict(model, state["lora"])
+        if args.full:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+        else:
+            load_lora_state_dict(model, state["lora"])
         progress = restore_training_state(state, optimizer, scheduler, batches)
         if is_main:
             print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
     n_train = sum(p.numel() for p in params)
     n_total = count_parameters(model)
     if is_main:
-        print(f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers "
-              f"({', '.join(tcfg.lora_targets)}): training {n_train:,d} of {n_total:,d} parameters "
-              f"({100 * n_train / n_total:.2f}%)" + (f", {world} processes" if world > 1 else ""))
+        print(f"{what}: training {n_train:,d} of {n_total:,d} parameters ({100 * n_train / n_total:.2f}%)"
+              + (f", {world} processes" if world > 1 else ""))
 
     def save():
-        atomic_save(lora_file_dict(model, names, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, base_print,
-                                   training_state(optimizer, scheduler, batches, progress, tcfg)), args.out)
+        if args.full:      # a model checkpoint as train.py writes it, plus where it came from
+            atomic_save({**checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg),
+                         "base_fingerprint": base_print}, args.out)
+        else:
+            atomic_save(lora_file_dict(model, names, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, base_print,
+                                       training_state(optimizer, scheduler, batches, progress, tcfg)), args.out)
 
     sched = Schedule.from_config(model.cfg)
     t0 = time.time()
-    reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, None, args.time_budget,
+    reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema, args.time_budget,
                  shard=(rank, world))
     end_distributed(world)                                    # torchrun: wait for rank 0's file, then leave
     if is_main:
         print(f"{reason}: step {progress.step}, {(time.time() - t0) / 60:.1f} min; saved {args.out}")
-    finish_run(reason, model, sched, progress.losses, args.out_dir, "lora", tcfg.seed, is_main)
+    finish_run(reason, ema.module if args.full else model, sched, progress.losses, args.out_dir,
+               "full" if args.full else "lora", tcfg.seed, is_main)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from torch import nn
 from config import UserError
 from conftest import tiny_batch
 from lora import (LoraLayer, fingerprint, inject_lora, load_lora_state_dict, lora_state_dict,
-                  mark_only_lora_trainable, merge_lora)
+                  mark_only_lora_trainable, merge_lora, unwrap_lora)
 from train import train_step
 from diffusion import Schedule
 
@@ -67,9 +67,10 @@ def test_only_lora_trains(tiny_model, tiny_cfg):
             assert torch.equal(p, before[name]), f"frozen {name} changed"
 
 
-def test_merge_matches_unmerged_and_removes_lora_layers(tiny_model, tiny_cfg):
+def test_merge_matches_unmerged_and_unwrap_removes_lora_layers(tiny_model, tiny_cfg):
     """merge_lora folds (A B)^T alpha/r into W: the merged model's output matches the LoRA model's
-    within 1e-5 (with a non-zero B, so the adapter matters), and no LoraLayer is left."""
+    within 1e-5 (with a non-zero B, so the adapter matters). The LoRA layers stay (merged, to undo);
+    unwrap_lora then leaves a plain model with the base's state_dict keys."""
     x, t, labels = tiny_batch(tiny_cfg)
     base_keys = set(tiny_model.state_dict())
     with torch.no_grad():
@@ -80,12 +81,16 @@ def test_merge_matches_unmerged_and_removes_lora_layers(tiny_model, tiny_cfg):
         merged = merge_lora(tiny_model)
         merged_out = tiny_model(x, t, labels)
     assert len(merged) == 15
+    assert all(tiny_model.get_submodule(name).merged for name in merged)
     assert (lora_out - base_out).abs().max() > 1e-3            # the adapter really changes the output
     assert torch.allclose(merged_out, lora_out, atol=1e-5, rtol=0)
+    assert unwrap_lora(tiny_model) == merged
     assert not any(isinstance(m, LoraLayer) for m in tiny_model.modules())
     for name in merged:
         assert type(tiny_model.get_submodule(name)) is nn.Linear
     assert set(tiny_model.state_dict()) == base_keys
+    with torch.no_grad():
+        assert torch.equal(tiny_model(x, t, labels), merged_out)
 
 
 def test_lora_scale_zero_is_base_model(tiny_model, tiny_cfg):
