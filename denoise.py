@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from config import UserError, atomic_save, atomic_write, check_output_path, make_folder, pick_device, run_main
+from config import (SampleConfig, UserError, atomic_save, atomic_write, autocast_dtype, check_output_path, make_folder,
+                    pick_device, run_main)
 from diffusion import Schedule, backward_denoise, to_uint8
 
 GIF_FRAMES = 40             # snapshots kept along the way: every 4th is a column of the PNG figure
@@ -103,7 +104,8 @@ def save_sample_grid(model, sched, path, seed=0, per_label=8, **sampling):
     """Sample per_label images of every label and save them as a grid (one row per label)."""
     labels = torch.arange(model.cfg.num_labels).repeat_interleave(per_label)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    x, _ = backward_denoise(model, sched, labels, generator=g, **({"sampler": "ddim", "guidance": 2.0} | sampling))
+    defaults = {"sampler": SampleConfig.sampler, "guidance": SampleConfig.guidance}
+    x, _ = backward_denoise(model, sched, labels, generator=g, **(defaults | sampling))
     save_grid(to_uint8(x).cpu(), path, nrow=per_label, row_names=[str(k) for k in range(model.cfg.num_labels)])
 
 
@@ -154,15 +156,19 @@ def parse_args():
     parser.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base layers first")
     parser.add_argument("--labels", default="0-9", help="labels to draw, e.g. 0-9 or 3,3,7")
     parser.add_argument("--per-label", type=int, default=1, help="samples per label")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="DDPM (T steps) or DDIM")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: T for ddpm, 50 for ddim)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=SampleConfig.sampler, help="DDPM (T steps) or DDIM")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps (default: T for ddpm, {SampleConfig.ddim_steps} for ddim)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
-    parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w (0 = off)")
+    parser.add_argument("--guidance", type=float, default=SampleConfig.guidance,
+                        help="classifier-free guidance weight w (0 = off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out-dir", default="outputs", help="folder for the PNG files")
     parser.add_argument("--save-samples", default=None, metavar="FILE.pt",
                         help="also save {'images': uint8 (N,1,H,W), 'labels': int64 (N,)}")
     parser.add_argument("--show", action="store_true", help="also open the figures in a window")
+    parser.add_argument("--precision", default="auto",
+                        help="auto (bf16 autocast where the hardware has it, else fp32), fp32, bf16 or fp16")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     return parser.parse_args()
 
@@ -200,10 +206,11 @@ def main():
               + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
     sched = Schedule.from_config(model.cfg)
 
+    dtype = autocast_dtype(args.precision, device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     start = time.time()
     x, snapshots = backward_denoise(model, sched, labels, args.sampler, args.steps, args.eta, args.guidance,
-                                    generator=g, keep=GIF_FRAMES)
+                                    generator=g, keep=GIF_FRAMES, dtype=dtype)
     seconds = time.time() - start
     images = to_uint8(x).cpu()
     total = snapshots[-1][0]

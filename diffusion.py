@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from config import ModelConfig, UserError, check_output_path, run_main
+from config import ModelConfig, SampleConfig, UserError, check_output_path, run_main
 from dataset import load_images, to_model_range
 
 
@@ -72,14 +72,16 @@ def ddim_step(sched, x_t, t, t_prev, eps, eta=0.0, generator=None):
     return x_prev
 
 
-def predict_noise(model, x_t, t, labels, guidance=0.0, null_label=None):
+def predict_noise(model, x_t, t, labels, guidance=0.0, null_label=None, dtype=None):
     """eps(x_t, t, label). With classifier-free guidance (Ho & Salimans 2022), w = guidance:
-    eps = eps_uncond + (1 + w) (eps_cond - eps_uncond), both from ONE batched forward pass."""
+    eps = eps_uncond + (1 + w) (eps_cond - eps_uncond), both from ONE batched forward pass.
+    dtype (e.g. torch.bfloat16): run the network under torch.autocast; the sampler's own maths stays fp32."""
     tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    if guidance == 0:
-        return model(x_t, tt, labels)
-    nulls = torch.full_like(labels, null_label)
-    eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([labels, nulls]))
+    with torch.autocast(x_t.device.type, dtype=dtype, enabled=dtype is not None):
+        if guidance == 0:
+            return model(x_t, tt, labels).float()
+        nulls = torch.full_like(labels, null_label)
+        eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([labels, nulls])).float()
     eps_cond, eps_uncond = eps.chunk(2)
     return eps_uncond + (1 + guidance) * (eps_cond - eps_uncond)
 
@@ -93,14 +95,14 @@ def timesteps(T, steps):
 
 @torch.no_grad()
 def backward_denoise(model, sched, labels, sampler="ddpm", steps=None, eta=0.0, guidance=0.0,
-                     generator=None, keep=0):
+                     generator=None, keep=0, dtype=None):
     """Start from pure noise x_T ~ N(0, I) and denoise step by step (the tutorial's backward_denoise).
     Returns the clean images in [-1, 1] and, if keep > 0, snapshots [(steps done, images), ...]: the
     pure noise, then `keep` evenly spaced points of the way, the last one being the result."""
     cfg = model.cfg
     device = next(model.parameters()).device
     if steps is None:                                # (not `steps or ...`: --steps 0 must be refused)
-        steps = sched.T if sampler == "ddpm" else min(50, sched.T)
+        steps = sched.T if sampler == "ddpm" else min(SampleConfig.ddim_steps, sched.T)
     if sampler == "ddpm" and steps != sched.T:
         raise UserError(f"the DDPM sampler walks all T={sched.T} steps; use --sampler ddim for fewer")
     ts = timesteps(sched.T, steps)
@@ -110,7 +112,7 @@ def backward_denoise(model, sched, labels, sampler="ddpm", steps=None, eta=0.0, 
     record = set(torch.linspace(0, len(ts) - 1, keep).round().long().tolist()) if keep else set()
     snapshots = [(0, x.cpu())] if keep else []
     for i, t in enumerate(ts):
-        eps = predict_noise(model, x, t, labels, guidance, cfg.num_labels)
+        eps = predict_noise(model, x, t, labels, guidance, cfg.num_labels, dtype)
         if sampler == "ddpm":
             x = ddpm_step(sched, x, t, eps, generator)
         else:

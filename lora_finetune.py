@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from config import (TrainConfig, UserError, add_config_flags, atomic_save, check_output_path,
+from config import (TrainConfig, UserError, add_config_flags, atomic_save, check_new_output,
                     config_from_dict, load_file, make_folder, run_main)
 from dataset import Batches, load_images
 from diffusion import Schedule
@@ -49,6 +49,7 @@ def parse_args():
                         "model checkpoint like train.py's, for comparison")
     parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the data (overrides --max-steps)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
@@ -65,7 +66,7 @@ def main():
         args.out = "full.pt" if args.full else "lora.pt"
     if os.path.abspath(args.out) == os.path.abspath(args.base):
         raise UserError("--out must not be the base checkpoint (fine-tuning never writes the base)")
-    check_output_path(args.out)
+    check_new_output(args.out, args.resume, args.overwrite)
     if args.lora_targets:
         check_lora_targets(tuple(t for t in args.lora_targets.split(",") if t))   # before loading any data
     make_folder(args.out_dir)

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from config import (ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
-                    atomic_save, autocast_dtype, check_output_path, check_resume, config_from_dict, load_file, make_folder,
+                    atomic_save, autocast_dtype, check_new_output, check_resume, config_from_dict, load_file, make_folder,
                     pick_device, rng_state, run_main, set_rng_state)
 from dataset import Batches, load_images
 from diffusion import Schedule, forward_diffusion
@@ -259,6 +259,7 @@ def parse_args():
     parser.add_argument("--out", default="model.pt", help="checkpoint file (written atomically)")
     parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
     parser.add_argument("--epochs", type=int, default=None,
                         help="train this many passes over the data (overrides --max-steps)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
@@ -304,7 +305,7 @@ def resolve_train_config(args, defaults, n_images, saved=None, world=1):
 
 def main():
     args = parse_args()
-    check_output_path(args.out)
+    check_new_output(args.out, args.resume, args.overwrite)
     make_folder(args.out_dir)
     rank, world, device = setup_distributed(args.device)     # torchrun: this is process `rank` of `world`
     is_main = rank == 0                                       # only the main process prints and writes files

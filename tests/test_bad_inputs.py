@@ -118,8 +118,11 @@ CASES = [
     ("denoise-save-samples-no-folder", "denoise.py", ["--save-samples", "{tmp}/nofolder/s.pt"],
      ["nofolder", "does not exist"]),
     # the loss blows up: stopped, naming the step; the checkpoint already at --out keeps its bytes
-    ("train-loss-not-finite", "train.py", ["--lr", "1e30", "--out", "{in}/model.pt", "--max-steps", "3"],
+    ("train-loss-not-finite", "train.py", ["--lr", "1e30", "--out", "{in}/model.pt", "--max-steps", "3", "--overwrite"],
      ["loss became", "at step", "--lr"]),
+    # a new run does not replace a checkpoint or LoRA file the user already has
+    ("train-out-exists", "train.py", ["--out", "{in}/model.pt"], ["already exists", "--resume", "--overwrite"]),
+    ("finetune-out-exists", "lora_finetune.py", ["--out", "{in}/lora.pt"], ["already exists", "--overwrite"]),
 ]
 
 DEFAULTS = {
@@ -134,12 +137,17 @@ DEFAULTS = {
 
 def command(script, args, inputs, tmp):
     """[script, *argv]: the script's defaults with the case's flags replacing (or adding to) them."""
-    def pairs(argv):
-        return {argv[i]: argv[i + 1] for i in range(0, len(argv), 2)}
+    def pairs(argv):                        # {"--flag": value, "--switch": None}
+        flags, i = {}, 0
+        while i < len(argv):
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            flags[argv[i]] = argv[i + 1] if has_value else None
+            i += 2 if has_value else 1
+        return flags
     flags = {**pairs(DEFAULTS[script]), **pairs(args)}
     flags.setdefault("--out-dir", "{tmp}")
     flags.setdefault("--device", "cpu")
-    argv = script.split() + [x for kv in flags.items() for x in kv]
+    argv = script.split() + [x for k, v in flags.items() for x in ([k] if v is None else [k, v])]
     return [a.replace("{in}", str(inputs)).replace("{tmp}", str(tmp)) for a in argv]
 
 
@@ -345,7 +353,7 @@ def test_second_ctrl_c_quits_at_once_and_keeps_the_old_checkpoint(cli, inputs, t
     shutil.copytree(inputs, tmp_path / "in")
     ckpt = tmp_path / "in" / "model.pt"
     before = snapshot(tmp_path)
-    _, *argv = command("train.py", ["--out", str(ckpt), "--max-steps", "6"], tmp_path / "in", tmp_path)
+    _, *argv = command("train.py", ["--out", str(ckpt), "--max-steps", "6", "--overwrite"], tmp_path / "in", tmp_path)
     result = cli.run(None, when, *argv, code=SECOND_CTRL_C)
     assert result.returncode == 130, result.stderr[-2000:]
     assert "Traceback" not in result.stderr + result.stdout
