@@ -86,12 +86,17 @@ def fit_size(images, size):
     return images
 
 
-def load_images(data, data_root, size):
-    """data: 'mnist', 'fashion-mnist' or a folder. Returns uint8 images (N,1,size,size), int64 labels (N,)."""
+def load_images(data, data_root, size, num_labels=None):
+    """data: 'mnist', 'fashion-mnist' or a folder. Returns uint8 images (N,1,size,size), int64 labels (N,).
+    With num_labels, a label the model does not know (>= num_labels) is refused."""
     if data in NAMED:
         images, labels = load_torchvision(data, data_root)
-        return fit_size(images, size), labels
-    return load_folder(data, size)
+        images = fit_size(images, size)
+    else:
+        images, labels = load_folder(data, size)
+    if num_labels is not None and int(labels.max()) >= num_labels:
+        raise UserError(f"data has label {int(labels.max())}, the model knows 0..{num_labels - 1}")
+    return images, labels
 
 
 def to_model_range(images):

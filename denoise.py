@@ -193,6 +193,7 @@ def main():
         check_output_path(args.save_samples)
     from train import load_model
     device = pick_device(args.device)
+    dtype = autocast_dtype(args.precision, device)            # refuses an unknown --precision before any work
     model, ckpt = load_model(args.checkpoint, args.weights, device)
     labels = torch.tensor(parse_labels(args.labels, model.cfg.num_labels)).repeat_interleave(args.per_label)
     if adapters:
@@ -206,7 +207,6 @@ def main():
               + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
     sched = Schedule.from_config(model.cfg)
 
-    dtype = autocast_dtype(args.precision, device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     start = time.time()
     x, snapshots = backward_denoise(model, sched, labels, args.sampler, args.steps, args.eta, args.guidance,

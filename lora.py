@@ -285,14 +285,18 @@ def lora_file_dict(model, names, r, alpha, targets, base_fingerprint, extra=None
             "base_fingerprint": base_fingerprint, "lora": lora_state_dict(model), **(extra or {})}
 
 
+def check_base_fingerprint(f, path, base_print, base_name="this checkpoint"):
+    """Refuse a LoRA file (or --full checkpoint) `f` made on another base model than the one at hand."""
+    if f.get("base_fingerprint") != base_print:
+        raise UserError(f"{path} was trained on another base model than {base_name} "
+                        f"(fingerprint {f.get('base_fingerprint')}, this base is {base_print})")
+
+
 def apply_lora_file(model, path):
     """Check that the LoRA file at `path` was made for this base model, inject LoRA with the file's
     rank, alpha and targets, and load its weights. Returns the file's dict."""
     f = load_file(path, "lora")
-    base = fingerprint(model)
-    if f["base_fingerprint"] != base:
-        raise UserError(f"{path} was trained on another base model (fingerprint {f['base_fingerprint']}, "
-                        f"this checkpoint is {base})")
+    check_base_fingerprint(f, path, fingerprint(model))
     names = inject_lora(model, tuple(f["targets"]), f["rank"], f["alpha"])
     if names != list(f["layers"]):
         raise UserError(f"{path} adapts other layers than its targets {f['targets']} cover in this model")
@@ -337,8 +341,7 @@ def inspect(path, base_path=None, weights="ema"):
     if base_path:
         from train import load_model
         base, _ = load_model(base_path, weights)
-        if fingerprint(base) != f["base_fingerprint"]:
-            raise UserError(f"{path} was trained on another base model than {base_path} ({weights} weights)")
+        check_base_fingerprint(f, path, fingerprint(base), f"{base_path} ({weights} weights)")
     print(f"{path}: rank {f['rank']}, alpha {f['alpha']}, targets {','.join(f['targets'])}, "
           f"{len(f['layers'])} layers")
     print(f"{'layer':40s} {'dW shape':>18s} {'||dW||':>9s}" + (f" {'||W||':>9s} {'||dW||/||W||':>13s}" if base else ""))

@@ -25,14 +25,14 @@ from config import (TrainConfig, UserError, add_config_flags, atomic_save, check
                     config_from_dict, load_file, make_folder, run_main)
 from dataset import Batches, load_images
 from diffusion import Schedule
-from lora import (check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
+from lora import (check_base_fingerprint, check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   mark_only_lora_trainable)
 from train import (Progress, checkpoint_dict, end_distributed, finish_run, fit, load_model, lr_schedule,
                    make_ema, resolve_train_config, restore_training_state, setup_distributed, training_state)
 from unet import count_parameters
 
-# fine-tuning defaults that differ from training from scratch
-FINETUNE = dict(max_steps=1000, lr=1e-3, warmup_steps=50)
+# fine-tuning defaults: those of training from scratch, but shorter and gentler
+FINETUNE = dataclasses.replace(TrainConfig(), max_steps=1000, lr=1e-3, warmup_steps=50)
 
 
 def parse_args():
@@ -54,7 +54,7 @@ def parse_args():
     parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     group = parser.add_argument_group("fine-tuning")
-    add_config_flags(group, dataclasses.replace(TrainConfig(), **FINETUNE),
+    add_config_flags(group, FINETUNE,
                      only=("batch_size", "lr", "warmup_steps", "max_steps", "p_uncond", "seed", "precision",
                            "lora_rank", "lora_alpha", "lora_targets"))
     return parser.parse_args()
@@ -75,13 +75,11 @@ def main():
     model, _ = load_model(args.base, args.weights, device)
     base_print = fingerprint(model)
     state = load_file(args.out, "model" if args.full else "lora") if args.resume else None
-    if state and state.get("base_fingerprint") != base_print:
-        raise UserError(f"{args.out} was trained on another base model than {args.base}")
-    images, labels = load_images(args.data, args.data_root, model.cfg.image_size)
-    if int(labels.max()) >= model.cfg.num_labels:
-        raise UserError(f"data has label {int(labels.max())}, the model knows 0..{model.cfg.num_labels - 1}")
+    if state:
+        check_base_fingerprint(state, args.out, base_print, args.base)
+    images, labels = load_images(args.data, args.data_root, model.cfg.image_size, model.cfg.num_labels)
     saved = config_from_dict(TrainConfig, state["train_config"]) if state else None
-    tcfg = resolve_train_config(args, dataclasses.replace(TrainConfig(), **FINETUNE), len(images), saved, world)
+    tcfg = resolve_train_config(args, FINETUNE, len(images), saved, world)
     torch.manual_seed(tcfg.seed)                              # the same in every process: the same LoRA weights
     batches = Batches(images, labels, tcfg.batch_size, tcfg.seed, shard=(rank, world))
 

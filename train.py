@@ -242,11 +242,17 @@ def load_model(path, weights="ema", device="cpu"):
     state = ckpt["model"]
     if weights == "ema":  # AveragedModel's state: "module."-prefixed weights plus its n_averaged counter
         state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    load_weights(model, state, path)
+    return model.to(device).eval(), ckpt
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state), with a one-line error when the file's weights do not fit."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path} does not fit the model its config describes: {str(e).splitlines()[1].strip()}")
-    return model.to(device).eval(), ckpt
+        raise UserError(f"{path} does not fit the model its config describes: "
+                        f"{str(e).splitlines()[1].strip()}") from None
 
 
 # ----------------------------------------------------------------------------- the script
@@ -312,9 +318,7 @@ def main():
     ckpt = load_file(args.out, "model") if args.resume else None
     mcfg = config_from_dict(ModelConfig, ckpt["model_config"]) if ckpt else apply_config_flags(ModelConfig(), args)
     check_model_config(mcfg)                       # before the (slow) data loading
-    images, labels = load_images(args.data, args.data_root, mcfg.image_size)
-    if int(labels.max()) >= mcfg.num_labels:
-        raise UserError(f"data has label {int(labels.max())}, the model knows 0..{mcfg.num_labels - 1}")
+    images, labels = load_images(args.data, args.data_root, mcfg.image_size, mcfg.num_labels)
     saved = config_from_dict(TrainConfig, ckpt["train_config"]) if ckpt else None
     tcfg = resolve_train_config(args, TrainConfig(), len(images), saved, world)
 
@@ -326,11 +330,7 @@ def main():
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     progress = Progress()
     if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"{args.out} does not fit the model its config describes: "
-                            f"{str(e).splitlines()[1].strip()}") from None
+        load_weights(model, ckpt["model"], args.out)
         ema.load_state_dict(ckpt["ema"])
         progress = restore_training_state(ckpt, optimizer, scheduler, batches)
         if is_main:
