@@ -5,6 +5,7 @@
     python denoise.py --lora lora.pt --merge       # fold the adapter into the weights first
     python denoise.py --lora lora.pt --lora-scale 0.5            # half of the adapter's update
     python denoise.py --lora a.pt:0.7 --lora b.pt:0.5            # two adapters, weighted
+    python denoise.py --lora lora.pt --compare     # outputs/compare.png: base | LoRA | merged, same seed
     python denoise.py --per-label 100 --save-samples s.pt      # for bench/evaluate.py
 """
 import argparse
@@ -47,6 +48,22 @@ def save_grid(images, path, nrow, row_names=None):
         plt.xticks([])
     else:
         plt.axis("off")
+    save_figure(fig, path)
+
+
+def save_side_by_side(panels, path, nrow):
+    """{title: uint8 images (N,1,H,W)} -> one PNG with the panels' grids next to each other."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+    grids = [torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=64)[0] for images in panels.values()]
+    height, width = grids[0].shape
+    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * (width / 60 + 0.2), height / 60 + 0.5), squeeze=False)
+    for ax, title, grid in zip(axes[0], panels, grids):
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
     save_figure(fig, path)
 
 
@@ -111,6 +128,31 @@ def save_sample_grid(model, sched, path, seed=0, per_label=8, **sampling):
 
 # ----------------------------------------------------------------------------- the script
 
+def compare_base_lora_merged(model, x_lora, labels, args, device, dtype):
+    """Sample again with the same seed and labels: the base checkpoint without any LoRA layer, and
+    `model` after merge_lora. x_lora: what `model` (unmerged) drew. Returns {title: uint8 images}."""
+    from lora import merge_lora
+    from train import load_model
+
+    def sample(net):
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        x, _ = backward_denoise(net, Schedule.from_config(net.cfg), labels, args.sampler, args.steps, args.eta,
+                                args.guidance, generator=g, dtype=dtype)
+        return x
+
+    base, _ = load_model(args.checkpoint, args.weights, device)
+    x_base = sample(base)
+    merge_lora(model)                                        # W' = W + dW in every adapted layer
+    x_merged = sample(model)
+    difference = (x_lora - x_merged).abs().max().item()
+    precision = "fp32" if dtype is None else str(dtype).replace("torch.", "")
+    note = "" if dtype is None else f" ({precision} rounds W + dW; --precision fp32 shows the merge is exact)"
+    print(f"same seed, pixels in [-1, 1]: LoRA vs merged differ by at most {difference:.1e}{note}; "
+          f"base vs LoRA by {(x_lora - x_base).abs().max().item():.2f}")
+    return {"base": to_uint8(x_base).cpu(), f"LoRA (scale {args.lora_scale:g})": to_uint8(x_lora).cpu(),
+            "LoRA merged": to_uint8(x_merged).cpu()}
+
+
 def parse_labels(text, num_labels):
     """'0-9' -> [0..9]; '3,3,7' -> [3, 3, 7]; ranges and single labels can be mixed."""
     labels = []
@@ -154,6 +196,9 @@ def parse_args():
     parser.add_argument("--lora-scale", type=float, default=1.0,
                         help="multiplies every adapter's update: 0 = base model exactly, 1 = as trained")
     parser.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base layers first")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --lora: sample the same seed and labels with the base model alone, with the "
+                        "adapter, and with the adapter merged; save compare.png with the three side by side")
     parser.add_argument("--labels", default="0-9", help="labels to draw, e.g. 0-9 or 3,3,7")
     parser.add_argument("--per-label", type=int, default=1, help="samples per label")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=SampleConfig.sampler, help="DDPM (T steps) or DDIM")
@@ -181,8 +226,10 @@ def main():
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
     if not 0 <= args.eta <= 1:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
-    if args.merge and not args.lora:
-        raise UserError("--merge needs --lora FILE")
+    if (args.merge or args.compare) and not args.lora:
+        raise UserError(f"{'--merge' if args.merge else '--compare'} needs --lora FILE")
+    if args.merge and args.compare:
+        raise UserError("--compare samples the merged model itself; leave out --merge")
     if not args.lora_scale >= 0:
         raise UserError(f"--lora-scale must be >= 0, got {args.lora_scale}")
     if args.lora_scale != 1.0 and not args.lora:
@@ -230,6 +277,11 @@ def main():
     if args.save_samples:
         atomic_save({"images": images, "labels": labels}, args.save_samples)
         print(f"saved {len(images)} samples to {args.save_samples}")
+    if args.compare:
+        compare = os.path.join(args.out_dir, "compare.png")
+        panels = compare_base_lora_merged(model, x, labels, args, device, dtype)
+        save_side_by_side(panels, compare, nrow=args.per_label if len(first) > 1 else min(len(images), 10))
+        print(f"saved {compare}")
     if args.show:
         import matplotlib.pyplot as plt
         from PIL import Image

@@ -9,7 +9,9 @@
 
 The base checkpoint is only read, never written. The LoRA file holds the LoRA tensors, the rank,
 alpha and target layers, and a fingerprint of the base weights, so it is refused on another base.
-It also keeps the optimizer and data position, so that --resume continues exactly.
+While a run is unfinished (Ctrl-C, --time-budget, the save at each epoch's end) the file also keeps
+the optimizer and data position, so that --resume continues exactly; the file of a finished run
+holds the LoRA tensors only (~25 KB for the defaults, the base checkpoint is ~6.7 MB).
 
 --full fine-tunes every base parameter instead (same data, steps, seed and training loop) and
 writes an ordinary model checkpoint, as train.py does (with its EMA, which denoise.py uses by default).
@@ -103,6 +105,9 @@ def main():
             ema.load_state_dict(state["ema"])
         else:
             load_lora_state_dict(model, state["lora"])
+        if "optimizer" not in state:
+            raise UserError(f"{args.out} is a finished run (step {state['step']} of {tcfg.max_steps}), it keeps no "
+                            "training state to continue: --overwrite starts over, or choose another --out")
         progress = restore_training_state(state, optimizer, scheduler, batches)
         if is_main:
             print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
@@ -116,17 +121,22 @@ def main():
         if args.full:      # a model checkpoint as train.py writes it, plus where it came from
             atomic_save({**checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg),
                          "base_fingerprint": base_print}, args.out)
-        else:
+        else:              # the finished adapter: only what sampling needs (finished runs are not resumed)
+            extra = {"train_config": dataclasses.asdict(tcfg), "step": progress.step, "losses": progress.losses}
+            if progress.step < tcfg.max_steps:
+                extra = training_state(optimizer, scheduler, batches, progress, tcfg)
             atomic_save(lora_file_dict(model, names, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, base_print,
-                                       training_state(optimizer, scheduler, batches, progress, tcfg)), args.out)
+                                       extra), args.out)
 
     sched = Schedule.from_config(model.cfg)
-    t0 = time.time()
+    t0, first_step = time.time(), progress.step
     reason = fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema, args.time_budget,
                  shard=(rank, world))
     end_distributed(world)                                    # torchrun: wait for rank 0's file, then leave
     if is_main:
-        print(f"{reason}: step {progress.step}, {(time.time() - t0) / 60:.1f} min; saved {args.out}")
+        seconds = time.time() - t0
+        per_step = seconds / max(1, progress.step - first_step)
+        print(f"{reason}: step {progress.step}, {seconds / 60:.1f} min ({per_step:.3f} s/step); saved {args.out}")
     finish_run(reason, ema.module if args.full else model, sched, progress.losses, args.out_dir,
                "full" if args.full else "lora", tcfg.seed, is_main)
 

@@ -17,6 +17,10 @@ and each table shows the median round, with the fastest and slowest round in bra
    does not depend on the weights. Then the whole CLI, `python denoise.py --per-label 10`, against a
    bare `python -c "import torch, torchvision, matplotlib.pyplot"`: their difference is what our code
    adds on top of importing the libraries (target: <= 5 s).
+   With --parts lora: the default sampler (DDIM-25, guidance 1.5, default precision) for the base
+   model, for the model with a LoRA adapter (unmerged: every adapted layer computes its detour), and
+   for the same adapter merged into the weights, once with the default targets (Wq,Wk,Wv, rank 4)
+   and once with every target at rank 8. Target: merged costs what the base costs.
 3. Peak memory: peak resident set size (Linux VmHWM) of a fresh Python process that builds the model
    and AdamW and runs a few training steps; the baseline process only imports torch and the project.
 """
@@ -35,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from config import ModelConfig, TrainConfig, UserError, atomic_save, autocast_dtype, run_main  # noqa: E402
+from config import ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save, autocast_dtype, run_main  # noqa: E402
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise  # noqa: E402
 from train import Progress, checkpoint_dict, load_model, lr_schedule, make_ema, train_step  # noqa: E402
@@ -185,6 +189,45 @@ def measure_sampling(plan, checkpoint, device):
     return rows, len(labels)
 
 
+def lora_setups():
+    """[(name, targets, rank)] of the adapters whose sampling cost is measured."""
+    return [("Wq,Wk,Wv r=4", ("Wq", "Wk", "Wv"), 4), ("all targets r=8", ("Wq", "Wk", "Wv", "Wo", "ff", "conv"), 8)]
+
+
+def measure_lora_sampling(plan, checkpoint, device):
+    """Sampling time of base | LoRA unmerged | LoRA merged, the adapters with random non-zero B (a zero B
+    costs the same: the detour is computed either way)."""
+    from lora import inject_lora, lora_layers, merge_lora
+    models = {"base": load_model(checkpoint, "ema", device)[0]}
+    for name, targets, r in lora_setups():
+        for merged in (False, True):
+            model = load_model(checkpoint, "ema", device)[0]
+            inject_lora(model, targets, r, float(r))
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for m in lora_layers(model).values():
+                    m.lora_b.normal_(0, 0.01)
+            if merged:
+                merge_lora(model)
+            models[f"{name}, {'merged' if merged else 'unmerged'}"] = model
+    sched = Schedule.from_config(models["base"].cfg)
+    labels = torch.arange(10).repeat_interleave(plan["per_label"])
+    dtype = autocast_dtype("auto", device)
+
+    def sampler(model, steps=SampleConfig.ddim_steps):
+        g = torch.Generator(device=device).manual_seed(0)
+        return lambda: backward_denoise(model, sched, labels, "ddim", steps, 0.0, SampleConfig.guidance,
+                                        generator=g, dtype=dtype)
+
+    for model in models.values():
+        sampler(model, 2)()                                              # warm-up
+    log(f"LoRA sampling {len(labels)} digits")
+    times = interleaved_seconds({name: (sampler(m), 1) for name, m in models.items()}, plan["sample_rounds"], device)
+    base = statistics.median(times["base"])
+    return [dict(name=name, seconds=summary(t), x_base=statistics.median(t) / base) for name, t in times.items()], \
+        precision_name(dtype)
+
+
 def wall_seconds(cmd, env):
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -236,7 +279,7 @@ def memory_child(name, steps, batch_size, device):
     print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
 
 
-PARTS = ("training", "sampling", "cli", "memory")
+PARTS = ("training", "sampling", "lora", "cli", "memory")
 MEMORY_RUNS = ("baseline", "default", "tutorial")
 
 
@@ -282,6 +325,13 @@ def markdown(results):
             out.append(f"| {r['name']} | {r['forwards']} | {fmt_range(r['seconds'], 2)} | {r['x_ddpm']:.0f}x |")
         out += ["", f"Sampling: diffusion.backward_denoise, {results['weights']}, median of "
                     f"{results['plan']['sample_rounds']} interleaved rounds.", ""]
+    if "lora" in results:
+        out += [f"| sampling {10 * results['plan']['per_label']} digits, DDIM-{SampleConfig.ddim_steps}, guidance "
+                f"{SampleConfig.guidance:g}, {results['lora_precision']} | seconds: median (range) | x base |",
+                "|---|---:|---:|"]
+        for r in results["lora"]:
+            out.append(f"| {r['name']} | {fmt_range(r['seconds'], 2)} | {r['x_base']:.2f} |")
+        out += ["", f"LoRA: median of {results['plan']['sample_rounds']} interleaved rounds; target: merged = base.", ""]
     if "cli" in results:
         c = results["cli"]
         out += ["| end to end (wall clock) | seconds: median (range) |", "|---|---:|",
@@ -352,12 +402,14 @@ def main():
         results["training"] = measure_training(plan, args.batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint and os.path.abspath(args.checkpoint)    # the CLI runs in the repo root
-        if checkpoint is None and parts & {"sampling", "cli"}:
+        if checkpoint is None and parts & {"sampling", "lora", "cli"}:
             checkpoint = os.path.join(tmp, "random.pt")
             write_random_checkpoint(checkpoint)
         results["weights"] = f"EMA weights of {checkpoint}" if args.checkpoint else "random weights"
         if "sampling" in parts:
             results["sampling"], results["sampled_digits"] = measure_sampling(plan, checkpoint, device)
+        if "lora" in parts:
+            results["lora"], results["lora_precision"] = measure_lora_sampling(plan, checkpoint, device)
         if "cli" in parts:
             log("end to end: denoise.py vs bare imports")
             results["cli"] = measure_cli(plan, checkpoint, device, env)

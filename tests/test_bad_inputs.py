@@ -55,6 +55,8 @@ CASES = [
      ["do not fit", "wrong shape", ".lora_"]),
     ("finetune-resume-other-targets", "lora_finetune.py --resume",
      ["--out", "{in}/lora_wq.pt", "--lora-targets", "Wq,Wk,Wv"], ["--resume", "lora_targets"]),
+    ("finetune-resume-finished", "lora_finetune.py --resume", ["--out", "{in}/lora.pt"],
+     ["lora.pt", "finished run", "--overwrite"]),
     ("finetune-unknown-target", "lora_finetune.py", ["--lora-targets", "Wx"], ["Wx"]),
     ("denoise-lora-other-base", "denoise.py", ["--checkpoint", "{in}/other_base.pt", "--lora", "{in}/lora.pt"],
      ["lora.pt", "another base model"]),
@@ -80,6 +82,9 @@ CASES = [
     ("per-label-negative", "denoise.py", ["--per-label", "-2"], ["--per-label"]),
     ("eta-above-1", "denoise.py", ["--eta", "1.5"], ["--eta"]),
     ("eta-negative", "denoise.py", ["--eta", "-0.1"], ["--eta"]),
+    ("denoise-compare-no-lora", "denoise.py", ["--compare"], ["--compare", "--lora"]),
+    ("denoise-compare-and-merge", "denoise.py", ["--lora", "{in}/lora.pt", "--compare", "--merge"],
+     ["--compare", "--merge"]),
     ("denoise-device-unknown", "denoise.py", ["--device", "gpu0"], ["--device", "gpu0"]),
     # training settings
     ("batch-size-0", "train.py", ["--batch-size", "0"], ["--batch-size"]),

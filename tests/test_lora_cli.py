@@ -1,7 +1,7 @@
 """lora_finetune.py from the command line: what the LoRA file holds, and that the base is never written."""
 import torch
 
-from conftest import LORA_RANK, check_user_error, run_script, sha256
+from conftest import LORA_RANK, check_ok, check_user_error, run_python, run_script, sha256
 from lora import LoraLayer, apply_lora_file, fingerprint
 from train import load_model
 
@@ -29,10 +29,15 @@ def keys_in(obj):
             yield from keys_in(v)
 
 
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def test_lora_file_holds_only_lora_tensors(lora_run, base_run):
-    """The 'lora' dict holds exactly the A and B of every adapted layer (rank as asked); no key anywhere in
-    the file is a base-model weight's name; and the file is much smaller than the base checkpoint."""
-    f = torch.load(lora_run["lora"], map_location="cpu", weights_only=True)
+    """The 'lora' dict holds exactly the A and B of every adapted layer (rank as asked); the finished run's
+    file holds no other tensor (no optimizer state); no key anywhere in the file is a base-model weight's
+    name; and the file is much smaller than the base checkpoint."""
+    f = load(lora_run["lora"])
     assert f["kind"] == "lora" and f["rank"] == LORA_RANK
     assert f["lora"], "no LoRA tensors saved"
     assert all(k.endswith((".lora_a", ".lora_b")) for k in f["lora"])
@@ -41,6 +46,8 @@ def test_lora_file_holds_only_lora_tensors(lora_run, base_run):
     for k, v in f["lora"].items():
         rank = v.shape[1] if k.endswith("lora_a") else v.shape[0]
         assert v.dim() == 2 and rank == LORA_RANK, (k, v.shape)
+    assert {p for p, _ in tensors_in(f)} == {f"/lora/{k}" for k in f["lora"]}
+    assert "optimizer" not in f and f["step"] == f["train_config"]["max_steps"] == len(f["losses"])
 
     base = torch.load(base_run["ckpt"], map_location="cpu", weights_only=True)
     base_names = set(base["model"]) | set(base["ema"])
@@ -77,3 +84,43 @@ def test_finetune_refuses_to_write_over_the_base(base_run, image_folder, tmp_pat
                         "--data", image_folder, "--out-dir", tmp_path, "--device", "cpu", "--max-steps", 1)
     check_user_error(result, "base")
     assert sha256(base_run["ckpt"]) == before
+
+
+# Runs lora_finetune.py but delivers a real SIGINT (what Ctrl-C sends) right after optimizer step N.
+INTERRUPT_AFTER = """
+import os, signal, sys
+import lora_finetune, train
+stop_after, calls, original = int(sys.argv[1]), [0], train.train_step
+def train_step(*args, **kwargs):
+    loss = original(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == stop_after:
+        os.kill(os.getpid(), signal.SIGINT)
+    return loss
+train.train_step = train_step
+sys.argv = ["lora_finetune.py"] + sys.argv[2:]
+lora_finetune.run_main(lora_finetune.main)
+"""
+
+
+def test_interrupted_lora_run_keeps_its_state_and_resumes_exactly(lora_run, base_run, image_folder, tmp_path):
+    """Ctrl-C after step 2 of 3: the file keeps the optimizer and data position; --resume then ends with
+    exactly the LoRA tensors and losses of the uninterrupted run, in a file that again holds only LoRA
+    tensors; a third --resume is refused (a finished run keeps nothing to continue) and leaves it as it is."""
+    out = tmp_path / "lora.pt"
+    flags = ["--base", base_run["ckpt"], "--data", image_folder, "--out", out, "--out-dir", tmp_path / "out",
+             "--device", "cpu"]
+    first = run_python(INTERRUPT_AFTER, 2, *flags, "--max-steps", 3, "--batch-size", 8, "--warmup-steps", 1,
+                       "--lora-rank", LORA_RANK, "--lora-alpha", 4.0)
+    assert first.returncode == 130, first.stderr[-2000:]
+    partial = load(out)
+    assert partial["step"] == 2 and {"optimizer", "scheduler", "batches", "rng"} <= set(partial)
+    check_ok(run_script("lora_finetune.py", "--resume", *flags))
+    resumed, straight = load(out), load(lora_run["lora"])
+    assert "optimizer" not in resumed and resumed["losses"] == straight["losses"]
+    assert resumed["lora"].keys() == straight["lora"].keys()
+    for k, v in straight["lora"].items():
+        assert torch.equal(resumed["lora"][k], v), k
+    before = out.read_bytes()
+    check_user_error(run_script("lora_finetune.py", "--resume", *flags), "lora.pt", "finished run", "--overwrite")
+    assert out.read_bytes() == before

@@ -232,6 +232,20 @@ def test_denoise_with_two_adapters_at_scale_zero_is_the_base(base_run, lora_run,
                                               "--lora-scale", 0, "--merge"))
 
 
+def test_denoise_compare_draws_base_lora_and_merged(base_run, lora_run, tmp_path):
+    """denoise.py --lora F --compare (fp32): writes compare.png and reports that the merged model draws
+    the same images as the unmerged adapter (within 1e-5), while the base draws other ones."""
+    out = tmp_path / "out"
+    result = check_ok(run_script("denoise.py", "--checkpoint", base_run["ckpt"], "--lora", lora_run["lora"],
+                                 "--compare", "--labels", "1,2", "--per-label", 2, "--steps", 3, "--precision",
+                                 "fp32", "--out-dir", out, "--device", "cpu"))
+    assert (out / "compare.png").stat().st_size > 0
+    line = next(line for line in result.stdout.splitlines() if "LoRA vs merged" in line)
+    merged = float(line.split("differ by at most ")[1].split(";")[0])
+    base = float(line.split("base vs LoRA by ")[1])
+    assert merged <= 1e-5 and base > 0, line
+
+
 @pytest.mark.parametrize("text,expected", [("a.pt", ("a.pt", 1.0)), ("a.pt:0.7", ("a.pt", 0.7)),
                                            ("runs/x:y.pt", ("runs/x:y.pt", 1.0)), ("C:\\a.pt:2", ("C:\\a.pt", 2.0))])
 def test_lora_flag_parsing(text, expected):

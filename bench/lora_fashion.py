@@ -1,0 +1,189 @@
+"""The Fashion-MNIST LoRA demo, measured: LoRA with several targets and ranks against full fine-tuning.
+
+    python bench/lora_fashion.py --base model.pt                  # the README's table (~35 min on 2 cores)
+    python bench/lora_fashion.py --base model.pt --runs base,full,qkv-r4
+    python bench/lora_fashion.py --base model.pt --quick          # smoke test (numbers not meaningful)
+
+Every run starts from the same digit model (--base) and trains on Fashion-MNIST with the same steps,
+batch, learning-rate schedule and seed, through the project's own commands, one after the other:
+
+    python lora_finetune.py --data fashion-mnist --max-steps N [--full | --lora-targets T --lora-rank R ...]
+    python denoise.py [--lora FILE | --checkpoint FULL.pt] --per-label 50 --save-samples S.pt
+    python bench/evaluate.py S.pt --domain fashion
+
+and reports: trainable parameters, the size of the file that fine-tuning wrote (the adapter for LoRA,
+a model checkpoint for --full) next to the base checkpoint's, the fine-tuning command's wall time and
+peak memory (the child's max RSS), its training time per step, and the evaluator's accuracy and
+FD / floor, with the accuracy as a share of full fine-tuning's. "base" is the digit model itself, sampled
+with Fashion labels (the "before"). Then it writes two figures into --figures:
+lora_fashion.png (same seed: base | each LoRA run | full) and lora_compare.png (denoise.py --compare
+for the first LoRA run: base | LoRA | merged).
+
+Runs go one at a time: on a 2-core machine anything running beside them changes the times.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from config import UserError, run_main  # noqa: E402
+
+ALL = "Wq,Wk,Wv,Wo,ff,conv"
+# name: lora_finetune.py flags. The tutorial's targets first, then what more targets / rank / lr buy.
+RUNS = {
+    "base": None,                                            # no fine-tuning: the digit model as it is
+    "full": ["--full"],
+    "qkv-r4": ["--lora-targets", "Wq,Wk,Wv", "--lora-rank", "4", "--lora-alpha", "4"],
+    "qkv-r4-lr5e-3": ["--lora-targets", "Wq,Wk,Wv", "--lora-rank", "4", "--lora-alpha", "4", "--lr", "5e-3"],
+    "attn-ff-r8": ["--lora-targets", "Wq,Wk,Wv,Wo,ff", "--lora-rank", "8", "--lora-alpha", "8"],
+    "conv-r8": ["--lora-targets", "conv", "--lora-rank", "8", "--lora-alpha", "8"],
+    "all-r4": ["--lora-targets", ALL, "--lora-rank", "4", "--lora-alpha", "4"],
+    "all-r8": ["--lora-targets", ALL, "--lora-rank", "8", "--lora-alpha", "8"],
+    "all-r8-lr3e-3": ["--lora-targets", ALL, "--lora-rank", "8", "--lora-alpha", "8", "--lr", "3e-3"],
+}
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_child(cmd, log_path):
+    """Run cmd in the repo root with its output in log_path; returns (wall seconds, peak RSS MiB)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)            # this child's own resource usage
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        tail = Path(log_path).read_text()[-2000:]
+        raise UserError(f"{' '.join(map(str, cmd))} failed (exit {proc.returncode}); see {log_path}:\n{tail}")
+    return seconds, usage.ru_maxrss / 1024                   # Linux reports KiB
+
+
+def fine_tune(name, flags, args, work):
+    """lora_finetune.py for one run; returns its row of figures and the file it wrote."""
+    out = work / f"{name}.pt"
+    cmd = [sys.executable, "lora_finetune.py", "--base", args.base, "--data", "fashion-mnist",
+           "--data-root", args.data_root, "--out", str(out), "--out-dir", str(work / name), "--overwrite",
+           "--max-steps", str(args.steps), "--seed", str(args.seed), *flags]
+    log(f"{name}: fine-tuning ({' '.join(flags)})")
+    wall, rss = run_child(cmd, work / f"{name}.finetune.log")
+    text = (work / f"{name}.finetune.log").read_text()
+    trained = re.search(r"training ([\d,]+) of ([\d,]+) parameters", text)
+    per_step = re.search(r"\(([\d.]+) s/step\)", text)
+    return out, dict(trainable=int(trained.group(1).replace(",", "")), total=int(trained.group(2).replace(",", "")),
+                     file_bytes=out.stat().st_size, wall_s=wall, peak_rss_mib=rss,
+                     s_per_step=float(per_step.group(1)))
+
+
+def sample_and_score(name, weights, args, work, per_label):
+    """denoise.py with the run's weights, then bench/evaluate.py --domain fashion; returns its JSON."""
+    samples = work / f"{name}.samples.pt"
+    cmd = [sys.executable, "denoise.py", "--per-label", str(per_label), "--seed", str(args.seed),
+           "--out-dir", str(work / name / "denoise"), "--save-samples", str(samples), *weights]
+    run_child(cmd, work / f"{name}.denoise.log")
+    cmd = [sys.executable, "bench/evaluate.py", str(samples), "--domain", "fashion", "--data-root", args.data_root,
+           "--json"]
+    run_child(cmd, work / f"{name}.evaluate.log")
+    lines = (work / f"{name}.evaluate.log").read_text().strip().splitlines()
+    return json.loads(lines[-1]), samples
+
+
+def markdown(rows, base_bytes, args):
+    full = next((r for r in rows if r["name"] == "full"), None)
+    out = [f"Fashion-MNIST from the digit model {args.base}: {args.steps} steps, batch 128, seed {args.seed}; "
+           f"{args.per_label} samples per label scored by bench/evaluate.py --domain fashion.", "",
+           "| run | lora_finetune.py flags | trainable | file (vs base) | s/step | wall | peak RSS | accuracy "
+           "| of full's | FD / floor |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        share = f"{100 * r['accuracy'] / full['accuracy']:.0f}%" if full and r["name"] != "full" else "-"
+        if "trainable" in r:
+            trained = f"{r['trainable']:,d} ({100 * r['trainable'] / r['total']:.1f}%)"
+            size = f"{r['file_bytes'] / 1024:.0f} KiB ({100 * r['file_bytes'] / base_bytes:.1f}%)"
+            timing = f"{r['s_per_step']:.3f} | {r['wall_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB"
+        else:
+            trained, size, timing = "-", f"{base_bytes / 1024:.0f} KiB (the base)", "- | - | -"
+        out.append(f"| {r['name']} | `{' '.join(r['flags'] or []) or '(none)'}` | {trained} | {size} | {timing} | "
+                   f"{100 * r['accuracy']:.1f}% | {share} | {r['fd_ratio']:.1f}x |")
+    return "\n".join(out)
+
+
+def save_figures(rows, samples, lora_files, args, work):
+    """lora_fashion.png: the first 6 samples of each label for every run (same seed); lora_compare.png:
+    denoise.py --compare with the first LoRA run."""
+    from denoise import save_side_by_side
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    panels = {}
+    for r in rows:
+        s = torch.load(samples[r["name"]], weights_only=True)
+        keep = torch.cat([torch.nonzero(s["labels"] == k)[:6, 0] for k in range(10)])
+        panels[f"{r['name']}: {100 * r['accuracy']:.0f}%"] = s["images"][keep]
+    save_side_by_side(panels, str(figures / "lora_fashion.png"), nrow=6)
+    if lora_files:
+        name, path = next(iter(lora_files.items()))
+        run_child([sys.executable, "denoise.py", "--checkpoint", args.base, "--lora", str(path), "--compare",
+                   "--per-label", "4", "--seed", str(args.seed), "--precision", "fp32",
+                   "--out-dir", str(work / "compare")], work / "compare.log")
+        os.replace(work / "compare" / "compare.png", figures / "lora_compare.png")
+        log((work / "compare.log").read_text().strip().splitlines()[-2])
+    log(f"figures in {figures}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="model.pt", help="digit model from train.py (read only)")
+    parser.add_argument("--data-root", default="../shared/data", help="where FashionMNIST/ is")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"which of {', '.join(RUNS)}")
+    parser.add_argument("--steps", type=int, default=1000, help="fine-tuning steps of every run")
+    parser.add_argument("--per-label", type=int, default=50, help="samples per label to score")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default="bench/.lora_fashion", help="folder for the runs' files and logs")
+    parser.add_argument("--figures", default="bench/figures", help="where the two figures go")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 2 samples per label")
+    args = parser.parse_args()
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        raise UserError(f"--runs: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNS)}")
+    if not os.path.isfile(args.base):
+        raise UserError(f"--base {args.base}: not found (train one with python train.py)")
+    if args.quick:
+        args.steps, args.per_label = 3, 2
+    args.base = os.path.abspath(args.base)
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    rows, samples, lora_files = [], {}, {}
+    for name in names:
+        flags = RUNS[name]
+        row = {"name": name, "flags": flags}
+        weights = ["--checkpoint", args.base]
+        if flags is not None:
+            out, figures = fine_tune(name, flags, args, work)
+            row.update(figures)
+            if "--full" in flags:
+                weights = ["--checkpoint", str(out)]
+            else:
+                weights += ["--lora", str(out)]
+                lora_files[name] = out
+        score, samples[name] = sample_and_score(name, weights, args, work, args.per_label)
+        row.update(accuracy=score["accuracy"], fd_ratio=score["fd_ratio"])
+        rows.append(row)
+        log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'flags'})}")
+    print(markdown(rows, os.path.getsize(args.base), args))
+    save_figures(rows, samples, lora_files, args, work)
+
+
+if __name__ == "__main__":
+    run_main(main)
