@@ -206,7 +206,9 @@ def load_file(path, kind):
 
 
 def add_config_flags(parser, cfg, only=None):
-    """One --flag per dataclass field (optionally only those named), defaulting to None = keep cfg."""
+    """One --flag per dataclass field (optionally only those named), defaulting to None = keep cfg.
+    Each help names cfg's value; its '%(default).0s' prints nothing but keeps ArgumentDefaultsHelpFormatter
+    from adding a misleading '(default: None)'."""
     for f in dataclasses.fields(cfg):
         if only is not None and f.name not in only:
             continue
@@ -214,10 +216,10 @@ def add_config_flags(parser, cfg, only=None):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, tuple):
             parser.add_argument(flag, type=str, default=None,
-                                help=f"comma-separated (default: {','.join(map(str, default))})")
+                                help=f"comma-separated (default: {','.join(map(str, default))})%(default).0s")
         else:
             parser.add_argument(flag, type=type(default), default=None,
-                                help=f"(default: {default})")
+                                help=f"(default: {default})%(default).0s")
 
 
 def apply_config_flags(cfg, args):
