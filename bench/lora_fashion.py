@@ -104,13 +104,14 @@ def markdown(rows, base_bytes, args):
     full = next((r for r in rows if r["name"] == "full"), None)
     out = [f"Fashion-MNIST from the digit model {args.base}: {args.steps} steps, batch 128, seed {args.seed}; "
            f"{args.per_label} samples per label scored by bench/evaluate.py --domain fashion.", "",
-           "| run | lora_finetune.py flags | trainable | file (vs base) | s/step | wall | peak RSS | accuracy "
+           "| run | lora_finetune.py flags | trains (of the base's) | file (vs base) | s/step | wall | peak RSS | accuracy "
            "| of full's | FD / floor |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         share = f"{100 * r['accuracy'] / full['accuracy']:.0f}%" if full and r["name"] != "full" else "-"
         if "trainable" in r:
-            trained = f"{r['trainable']:,d} ({100 * r['trainable'] / r['total']:.1f}%)"
+            base_params = r["total"] - (0 if "--full" in r["flags"] else r["trainable"])   # without LoRA's own
+            trained = f"{r['trainable']:,d} ({100 * r['trainable'] / base_params:.1f}%)"
             size = f"{r['file_bytes'] / 1024:.0f} KiB ({100 * r['file_bytes'] / base_bytes:.1f}%)"
             timing = f"{r['s_per_step']:.3f} | {r['wall_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB"
         else:
