@@ -205,20 +205,20 @@ def load_file(path, kind):
     return obj
 
 
-def add_config_flags(parser, cfg, only=None):
-    """One --flag per dataclass field (optionally only those named), defaulting to None = keep cfg.
-    Each help names cfg's value; its '%(default).0s' prints nothing but keeps ArgumentDefaultsHelpFormatter
-    from adding a misleading '(default: None)'."""
+def add_config_flags(parser, cfg, only=None, aliases=None):
+    """One --flag per dataclass field (optionally only those named), defaulting to None = keep cfg;
+    aliases = {field: "--other-name"} adds a second spelling. Each help names cfg's value; its
+    '%(default).0s' prints nothing but keeps ArgumentDefaultsHelpFormatter from adding '(default: None)'."""
     for f in dataclasses.fields(cfg):
         if only is not None and f.name not in only:
             continue
         default = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
+        flag = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if aliases and f.name in aliases else [])
         if isinstance(default, tuple):
-            parser.add_argument(flag, type=str, default=None,
+            parser.add_argument(*flag, type=str, default=None,
                                 help=f"comma-separated (default: {','.join(map(str, default))})%(default).0s")
         else:
-            parser.add_argument(flag, type=type(default), default=None,
+            parser.add_argument(*flag, type=type(default), default=None,
                                 help=f"(default: {default})%(default).0s")
 
 

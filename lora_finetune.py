@@ -63,7 +63,8 @@ def parse_args():
     group = parser.add_argument_group("fine-tuning")
     add_config_flags(group, FINETUNE,
                      only=("batch_size", "lr", "warmup_steps", "max_steps", "p_uncond", "seed", "precision",
-                           "lora_rank", "lora_alpha", "lora_targets"))
+                           "lora_rank", "lora_alpha", "lora_targets"),
+                     aliases={"lora_rank": "--rank", "lora_alpha": "--alpha", "lora_targets": "--targets"})
     return parser.parse_args()
 
 

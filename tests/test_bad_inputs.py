@@ -58,6 +58,7 @@ CASES = [
     ("finetune-resume-finished", "lora_finetune.py --resume", ["--out", "{in}/lora.pt"],
      ["lora.pt", "finished run", "--overwrite"]),
     ("finetune-unknown-target", "lora_finetune.py", ["--lora-targets", "Wx"], ["Wx"]),
+    ("finetune-unknown-target-short-flag", "lora_finetune.py", ["--targets", "Wq,Wx", "--rank", "2"], ["Wx"]),
     ("denoise-lora-other-base", "denoise.py", ["--checkpoint", "{in}/other_base.pt", "--lora", "{in}/lora.pt"],
      ["lora.pt", "another base model"]),
     ("finetune-resume-other-base", "lora_finetune.py --resume", ["--base", "{in}/other_base.pt", "--out", "{in}/lora.pt"],
