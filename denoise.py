@@ -128,25 +128,26 @@ def save_sample_grid(model, sched, path, seed=0, per_label=8, **sampling):
 
 # ----------------------------------------------------------------------------- the script
 
-def compare_base_lora_merged(model, x_lora, labels, args, device, dtype):
+def sample_as_asked(model, sched, labels, args, device, dtype, keep=0):
+    """backward_denoise with the command line's sampler, steps, eta, guidance and seed (a fresh generator,
+    so every call starts from the same noise). Returns (images in [-1, 1], snapshots)."""
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    return backward_denoise(model, sched, labels, args.sampler, args.steps, args.eta, args.guidance,
+                            generator=g, keep=keep, dtype=dtype)
+
+
+def compare_base_lora_merged(model, sched, x_lora, labels, args, device, dtype):
     """Sample again with the same seed and labels: the base checkpoint without any LoRA layer, and
     `model` after merge_lora. x_lora: what `model` (unmerged) drew. Returns {title: uint8 images}."""
     from lora import merge_lora
     from train import load_model
-
-    def sample(net):
-        g = torch.Generator(device=device).manual_seed(args.seed)
-        x, _ = backward_denoise(net, Schedule.from_config(net.cfg), labels, args.sampler, args.steps, args.eta,
-                                args.guidance, generator=g, dtype=dtype)
-        return x
-
     base, _ = load_model(args.checkpoint, args.weights, device)
-    x_base = sample(base)
+    x_base, _ = sample_as_asked(base, sched, labels, args, device, dtype)
     merge_lora(model)                                        # W' = W + dW in every adapted layer
-    x_merged = sample(model)
+    x_merged, _ = sample_as_asked(model, sched, labels, args, device, dtype)
     difference = (x_lora - x_merged).abs().max().item()
-    precision = "fp32" if dtype is None else str(dtype).replace("torch.", "")
-    note = "" if dtype is None else f" ({precision} rounds W + dW; --precision fp32 shows the merge is exact)"
+    note = "" if dtype is None else \
+        f" ({str(dtype).replace('torch.', '')} rounds W + dW; --precision fp32 shows the merge is exact)"
     print(f"same seed, pixels in [-1, 1]: LoRA vs merged differ by at most {difference:.1e}{note}; "
           f"base vs LoRA by {(x_lora - x_base).abs().max().item():.2f}")
     return {"base": to_uint8(x_base).cpu(), f"LoRA (scale {args.lora_scale:g})": to_uint8(x_lora).cpu(),
@@ -254,10 +255,8 @@ def main():
               + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
     sched = Schedule.from_config(model.cfg)
 
-    g = torch.Generator(device=device).manual_seed(args.seed)
     start = time.time()
-    x, snapshots = backward_denoise(model, sched, labels, args.sampler, args.steps, args.eta, args.guidance,
-                                    generator=g, keep=GIF_FRAMES, dtype=dtype)
+    x, snapshots = sample_as_asked(model, sched, labels, args, device, dtype, keep=GIF_FRAMES)
     seconds = time.time() - start
     images = to_uint8(x).cpu()
     total = snapshots[-1][0]
@@ -279,7 +278,7 @@ def main():
         print(f"saved {len(images)} samples to {args.save_samples}")
     if args.compare:
         compare = os.path.join(args.out_dir, "compare.png")
-        panels = compare_base_lora_merged(model, x, labels, args, device, dtype)
+        panels = compare_base_lora_merged(model, sched, x, labels, args, device, dtype)
         save_side_by_side(panels, compare, nrow=args.per_label if len(first) > 1 else min(len(images), 10))
         print(f"saved {compare}")
     if args.show:

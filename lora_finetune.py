@@ -11,7 +11,7 @@ The base checkpoint is only read, never written. The LoRA file holds the LoRA te
 alpha and target layers, and a fingerprint of the base weights, so it is refused on another base.
 While a run is unfinished (Ctrl-C, --time-budget, the save at each epoch's end) the file also keeps
 the optimizer and data position, so that --resume continues exactly; the file of a finished run
-holds the LoRA tensors only (~25 KB for the defaults, the base checkpoint is ~6.7 MB).
+holds the LoRA tensors only (44 KiB for the defaults, next to the base checkpoint's 6.4 MiB).
 
 --full fine-tunes every base parameter instead (same data, steps, seed and training loop) and
 writes an ordinary model checkpoint, as train.py does (with its EMA, which denoise.py uses by default).
@@ -127,10 +127,11 @@ def main():
         if args.full:      # a model checkpoint as train.py writes it, plus where it came from
             atomic_save({**checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg),
                          "base_fingerprint": base_print}, args.out)
-        else:              # the finished adapter: only what sampling needs (finished runs are not resumed)
-            extra = {"train_config": dataclasses.asdict(tcfg), "step": progress.step, "losses": progress.losses}
-            if progress.step < tcfg.max_steps:
+        else:
+            if progress.step < tcfg.max_steps:    # unfinished: also what --resume needs
                 extra = training_state(optimizer, scheduler, batches, progress, tcfg)
+            else:                                 # finished: only what sampling needs (finished runs are not resumed)
+                extra = {"train_config": dataclasses.asdict(tcfg), "step": progress.step, "losses": progress.losses}
             atomic_save(lora_file_dict(model, names, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets, base_print,
                                        extra), args.out)
 

@@ -82,6 +82,25 @@ def run_python(code, *args, timeout=120):
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+# Runs SCRIPT (train or lora_finetune, both train through train.fit) but delivers a real SIGINT (what
+# Ctrl-C sends) right after optimizer step N: run_python(INTERRUPT_AFTER, SCRIPT, N, *the script's args).
+INTERRUPT_AFTER = """
+import importlib, os, signal, sys
+import train
+script, stop_after, calls, original = sys.argv[1], int(sys.argv[2]), [0], train.train_step
+def train_step(*args, **kwargs):
+    loss = original(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == stop_after:
+        os.kill(os.getpid(), signal.SIGINT)
+    return loss
+train.train_step = train_step
+module = importlib.import_module(script)
+sys.argv = [script + ".py"] + sys.argv[3:]
+module.run_main(module.main)
+"""
+
+
 def check_ok(result):
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}"
     return result

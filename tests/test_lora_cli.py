@@ -1,7 +1,8 @@
 """lora_finetune.py from the command line: what the LoRA file holds, and that the base is never written."""
 import torch
 
-from conftest import LORA_RANK, check_ok, check_user_error, run_python, run_script, sha256
+from conftest import (INTERRUPT_AFTER, LORA_RANK, check_ok, check_user_error, run_python, run_script,
+                      sha256)
 from lora import LoraLayer, apply_lora_file, fingerprint
 from train import load_model
 
@@ -86,23 +87,6 @@ def test_finetune_refuses_to_write_over_the_base(base_run, image_folder, tmp_pat
     assert sha256(base_run["ckpt"]) == before
 
 
-# Runs lora_finetune.py but delivers a real SIGINT (what Ctrl-C sends) right after optimizer step N.
-INTERRUPT_AFTER = """
-import os, signal, sys
-import lora_finetune, train
-stop_after, calls, original = int(sys.argv[1]), [0], train.train_step
-def train_step(*args, **kwargs):
-    loss = original(*args, **kwargs)
-    calls[0] += 1
-    if calls[0] == stop_after:
-        os.kill(os.getpid(), signal.SIGINT)
-    return loss
-train.train_step = train_step
-sys.argv = ["lora_finetune.py"] + sys.argv[2:]
-lora_finetune.run_main(lora_finetune.main)
-"""
-
-
 def test_interrupted_lora_run_keeps_its_state_and_resumes_exactly(lora_run, base_run, image_folder, tmp_path):
     """Ctrl-C after step 2 of 3: the file keeps the optimizer and data position; --resume then ends with
     exactly the LoRA tensors and losses of the uninterrupted run, in a file that again holds only LoRA
@@ -110,8 +94,8 @@ def test_interrupted_lora_run_keeps_its_state_and_resumes_exactly(lora_run, base
     out = tmp_path / "lora.pt"
     flags = ["--base", base_run["ckpt"], "--data", image_folder, "--out", out, "--out-dir", tmp_path / "out",
              "--device", "cpu"]
-    first = run_python(INTERRUPT_AFTER, 2, *flags, "--max-steps", 3, "--batch-size", 8, "--warmup-steps", 1,
-                       "--lora-rank", LORA_RANK, "--lora-alpha", 4.0)
+    first = run_python(INTERRUPT_AFTER, "lora_finetune", 2, *flags, "--max-steps", 3, "--batch-size", 8,
+                       "--warmup-steps", 1, "--lora-rank", LORA_RANK, "--lora-alpha", 4.0)
     assert first.returncode == 130, first.stderr[-2000:]
     partial = load(out)
     assert partial["step"] == 2 and {"optimizer", "scheduler", "batches", "rng"} <= set(partial)

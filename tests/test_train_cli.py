@@ -3,24 +3,8 @@ import pytest
 import torch
 
 from config import UserError
-from conftest import TRAIN_FLAGS, TRAIN_STEPS, check_ok, run_python, run_script, tiny_config
+from conftest import INTERRUPT_AFTER, TRAIN_FLAGS, TRAIN_STEPS, check_ok, run_python, run_script, tiny_config
 from train import load_model
-
-# Runs train.py but delivers a real SIGINT (what Ctrl-C sends) right after optimizer step N.
-INTERRUPT_AFTER = """
-import os, signal, sys
-import train
-stop_after, calls, original = int(sys.argv[1]), [0], train.train_step
-def train_step(*args, **kwargs):
-    loss = original(*args, **kwargs)
-    calls[0] += 1
-    if calls[0] == stop_after:
-        os.kill(os.getpid(), signal.SIGINT)
-    return loss
-train.train_step = train_step
-sys.argv = ["train.py"] + sys.argv[2:]
-train.run_main(train.main)
-"""
 
 
 def load(path):
@@ -73,7 +57,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(base_run, image_folder, tm
     """Ctrl-C after step 3 of 6 saves a checkpoint and exits 130; --resume then finishes with exactly the
     weights, EMA and losses of the uninterrupted 6-step run (RNG, batch order, optimizer, LR schedule)."""
     ckpt = tmp_path / "m.pt"
-    first = run_python(INTERRUPT_AFTER, 3, "--data", image_folder, "--out", ckpt,
+    first = run_python(INTERRUPT_AFTER, "train", 3, "--data", image_folder, "--out", ckpt,
                        "--out-dir", tmp_path / "out", "--max-steps", TRAIN_STEPS, *TRAIN_FLAGS)
     assert first.returncode == 130, first.stderr[-2000:]          # the shell's code for Ctrl-C
     assert "interrupted" in first.stdout and "Traceback" not in first.stderr
