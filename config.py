@@ -1,10 +1,12 @@
-"""Every default of the project in one place, plus the few helpers all scripts share.
+"""Every default of the project in one place (one home for each knob), plus the few helpers all scripts share.
 
-Blog part 1 keeps its settings as module-level constants (IMAGE_SIZE, T, ...). We keep them in two
-dataclasses instead, because a checkpoint must remember the settings it was trained with:
+The blog keeps its settings as module-level constants (IMAGE_SIZE, T, ...). We keep them in dataclasses
+instead, because a checkpoint must remember the settings it was trained with:
 - ModelConfig: everything needed to rebuild the network and its noise schedule (saved in checkpoints).
 - TrainConfig: how to train it (also saved, so that --resume continues with the same settings).
-Scripts override any field with a command-line flag of the same name.
+- FinetuneConfig: TrainConfig's fields with fine-tuning's defaults, plus LoRA's rank, alpha and targets.
+- SampleConfig: how denoise.py samples and draws by default.
+Scripts override any field with a command-line flag of the same name; functions take their defaults here.
 
     python config.py      # prints the defaults and the device that would be used
 """
@@ -13,22 +15,23 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 
 @dataclass
 class ModelConfig:
-    image_size: int = 28           # MNIST's native size; other data is padded/cropped to it, never resized
+    image_size: int = 28           # MNIST's native size; MNIST is padded/cropped to it, a folder's images are resized
     in_channels: int = 1           # grayscale
     num_labels: int = 10           # digits 0..9; index num_labels is the learned "no label" token
-    # DDPM noise schedule (Ho et al. 2020): beta_t rises linearly from beta_start to beta_end over T steps
+    # DDPM noise schedule (Ho et al. 2020, section 4): beta_t rises linearly from beta_start to beta_end over T steps
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    # UNet. The tutorial used channels 64..1024 at 48x48 (32 M parameters, ~2.3 s per training step on
-    # 2 CPU cores). Ours first folds each 2x2 patch of pixels into 4 channels (28x28x1 -> 14x14x4, a
-    # lossless stand-in for Stable Diffusion's autoencoder latent), then works at 14x14 and 7x7.
+    # UNet. The blog's listing uses channels 64..1024 at 48x48. Ours first folds each 2x2 patch of pixels
+    # into 4 channels (28x28x1 -> 14x14x4, a lossless stand-in for Stable Diffusion's autoencoder latent),
+    # then works at 14x14 and 7x7 (README, "Speed and memory", for what that buys).
     patch: int = 2
     widths: tuple = (32, 64)       # channels at each resolution: 14x14, 7x7
     time_dim: int = 128            # size of the sinusoidal time embedding after its MLP
@@ -47,22 +50,34 @@ class TrainConfig:
     p_uncond: float = 0.1          # chance to drop the label (classifier-free guidance needs it)
     ema_decay: float = 0.999       # EMA of the weights, warmed up as min(decay, (1+n)/(10+n))
     seed: int = 0
-    precision: str = "auto"        # auto: bf16 autocast where the hardware has it (CUDA, AVX512-BF16 CPUs), else fp32
-    # LoRA (lora_finetune.py): only these are trained
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    lora_targets: tuple = ("Wq", "Wk", "Wv")
+    precision: str = "auto"        # auto: bf16 autocast where the hardware has it natively, else fp32
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """lora_finetune.py: training's settings, shorter, with LoRA's own learning rate (README, "Digits to
+    clothing", for the measurements behind lr and full_lr), and what LoRA adapts."""
+    max_steps: int = 1000
+    lr: float = 1e-2               # LoRA's update moves W less per step than training W itself, so a larger lr
+    warmup_steps: int = 50
+    lora_rank: int = 4             # r
+    lora_alpha: float = 4.0        # the update is scaled by alpha / r
+    lora_targets: tuple = ("Wq", "Wk", "Wv")    # the blog's choice; lora.TARGETS lists every name
+    full_lr: ClassVar[float] = 3e-3             # --full (every weight trains) uses this lr instead
 
 
 @dataclass
 class SampleConfig:
-    """denoise.py's defaults, measured on the default model (README, "Each knob"): DDIM with 25 steps
-    draws digits as well as 50 or 100 in half the time; guidance 1.5 balances label accuracy (higher w)
-    against variety and closeness to real digits (lower w)."""
+    """denoise.py's defaults, measured on the default model (README, "Each knob")."""
     sampler: str = "ddim"
     ddim_steps: int = 25
-    guidance: float = 1.5
+    guidance: float = 1.5          # classifier-free guidance weight w (0 = off)
+    eta: float = 0.0               # DDIM's noise: 0 = deterministic, 1 = DDPM-like
+    gif_frames: int = 40           # snapshots kept along the way for the GIF
+    figure_columns: int = 10       # denoising steps shown in the PNG figure, after the pure noise
 
+
+# ----------------------------------------------------------------------------- beyond the blog: shared helpers
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, never as a traceback."""
@@ -78,6 +93,13 @@ def run_main(main):
     except KeyboardInterrupt:                  # a second Ctrl-C: quit at once (files are written atomically)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def check_positive(cfg, names):
+    """Refuse a setting that must be positive, naming its flag."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
 
 
 def check_resume(saved, requested):
@@ -101,9 +123,8 @@ def set_rng_state(state):
 
 
 def autocast_dtype(precision, device):
-    """The dtype for torch.autocast, or None for plain fp32. 'auto' picks bf16 where the hardware
-    computes it natively: on our 2-core Xeon (AMX) it trains ~40% faster than fp32; on a CPU without
-    AVX512-BF16, bf16 is emulated and slower, so auto stays fp32 there."""
+    """The dtype for torch.autocast, or None for plain fp32. 'auto' picks bf16 where the hardware computes
+    it natively (CUDA, AVX512-BF16 CPUs); elsewhere bf16 is emulated and slower, so auto stays fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -241,7 +262,7 @@ def apply_config_flags(cfg, args):
 
 
 if __name__ == "__main__":
-    for cfg in (ModelConfig(), TrainConfig(), SampleConfig()):
+    for cfg in (ModelConfig(), TrainConfig(), FinetuneConfig(), SampleConfig()):
         print(type(cfg).__name__)
         for k, v in dataclasses.asdict(cfg).items():
             print(f"  {k:16s} {v}")

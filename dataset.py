@@ -1,7 +1,7 @@
 """Training images: MNIST, Fashion-MNIST, or your own folder of labelled images (the series' dataset.py).
 
-All images are decoded ONCE into a uint8 tensor (N,1,H,W) and batches are sliced from it. The
-tutorial's Dataset decoded a PIL image per item per epoch, which costs more than our model's step.
+All images are decoded ONCE into a uint8 tensor (N,1,H,W) and batches are sliced from it. (The blog's
+listing uses a Dataset that decodes a PIL image per item per epoch, which costs more than our model's step.)
 
     python dataset.py --data ../shared/data/mnist-t10k      # prints sizes, saves outputs/dataset.png
 """
@@ -11,79 +11,13 @@ import os
 
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
 from config import UserError, run_main
+from figures import save_grid
 
 NAMED = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-def read_idx(path):
-    """Read an IDX file (the MNIST file format, optionally gzipped) into a uint8 tensor."""
-    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
-        data = f.read()
-    ndim = data[3]                                           # magic: 0, 0, dtype (8 = uint8), ndim
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
-
-
-def load_torchvision(name, root):
-    """MNIST or Fashion-MNIST's 60,000 training images. Files already in root/NAME/raw (gzipped or
-    not) are read as they are; otherwise torchvision downloads them into root."""
-    raw = os.path.join(root, NAMED[name], "raw")
-    for suffix in ("", ".gz"):
-        files = [os.path.join(raw, f"train-{kind}-idx{n}-ubyte{suffix}") for kind, n in (("images", 3), ("labels", 1))]
-        if all(os.path.isfile(f) for f in files):
-            return read_idx(files[0]).unsqueeze(1).contiguous(), read_idx(files[1]).long()
-    import torchvision
-    cls = getattr(torchvision.datasets, NAMED[name])
-    try:
-        ds = cls(root=root, train=True, download=True)
-    except Exception as e:  # offline: torchvision raises RuntimeError/URLError after its retries
-        raise UserError(f"could not load or download {NAMED[name]} into {root} ({type(e).__name__}); "
-                        f"connect to the internet once, point --data-root at a copy, or pass --data FOLDER "
-                        f"with one subfolder of images per label") from None
-    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()           # (N,1,28,28) uint8, (N,)
-
-
-def load_folder(path, size):
-    """A folder with one subfolder per label, named 0, 1, ... (torchvision's ImageFolder layout).
-    Images are made grayscale and resized to size x size."""
-    from PIL import Image
-    if not os.path.isdir(path):
-        raise UserError(f"--data {path}: no such folder (expected mnist, fashion-mnist or a folder)")
-    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    bad = [d for d in subdirs if not d.isdigit()]
-    if not subdirs or bad:
-        raise UserError(f"--data {path}: expected subfolders named by label (0, 1, ...), "
-                        f"found {', '.join(bad[:3]) if bad else 'none'}")
-    images, labels = [], []
-    for d in subdirs:
-        folder = os.path.join(path, d)
-        for name in sorted(os.listdir(folder)):
-            try:
-                with Image.open(os.path.join(folder, name)) as img:
-                    img = img.convert("L").resize((size, size), Image.BILINEAR)
-                    images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8))
-            except OSError:
-                continue                                   # not an image (e.g. a README): skip it
-            labels.append(int(d))
-    if not images:
-        raise UserError(f"--data {path}: no readable images in its label folders")
-    return torch.stack(images).view(-1, 1, size, size), torch.tensor(labels)
-
-
-def fit_size(images, size):
-    """Pad (black) or center-crop to size x size. Never resize: a resize round trip blurs digits."""
-    h = images.shape[-1]
-    if h < size:
-        p = (size - h) // 2
-        return F.pad(images, (p, size - h - p, p, size - h - p))
-    if h > size:
-        c = (h - size) // 2
-        return images[..., c:c + size, c:c + size]
-    return images
 
 
 def load_images(data, data_root, size, num_labels=None):
@@ -146,6 +80,73 @@ class Batches:
         self.generator.set_state(state["generator"])
 
 
+# ----------------------------------------------------------------------------- beyond the blog: files, folders, shards
+
+def read_idx(path):
+    """Read an IDX file (the MNIST file format, optionally gzipped) into a uint8 tensor."""
+    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
+        data = f.read()
+    ndim = data[3]                                           # magic: 0, 0, dtype (8 = uint8), ndim
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
+
+
+def load_torchvision(name, root):
+    """MNIST or Fashion-MNIST's 60,000 training images. Files already in root/NAME/raw (gzipped or
+    not) are read as they are; otherwise torchvision downloads them into root."""
+    raw = os.path.join(root, NAMED[name], "raw")
+    for suffix in ("", ".gz"):
+        files = [os.path.join(raw, f"train-{kind}-idx{n}-ubyte{suffix}") for kind, n in (("images", 3), ("labels", 1))]
+        if all(os.path.isfile(f) for f in files):
+            return read_idx(files[0]).unsqueeze(1).contiguous(), read_idx(files[1]).long()
+    cls = getattr(torchvision.datasets, NAMED[name])
+    try:
+        ds = cls(root=root, train=True, download=True)
+    except Exception as e:  # offline: torchvision raises RuntimeError/URLError after its retries
+        raise UserError(f"could not load or download {NAMED[name]} into {root} ({type(e).__name__}); "
+                        f"connect to the internet once, point --data-root at a copy, or pass --data FOLDER "
+                        f"with one subfolder of images per label") from None
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()           # (N,1,28,28) uint8, (N,)
+
+
+def load_folder(path, size):
+    """A folder with one subfolder per label, named 0, 1, ... (torchvision's ImageFolder layout).
+    Images are made grayscale and resized to size x size."""
+    if not os.path.isdir(path):
+        raise UserError(f"--data {path}: no such folder (expected mnist, fashion-mnist or a folder)")
+    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    bad = [d for d in subdirs if not d.isdigit()]
+    if not subdirs or bad:
+        raise UserError(f"--data {path}: expected subfolders named by label (0, 1, ...), "
+                        f"found {', '.join(bad[:3]) if bad else 'none'}")
+    images, labels = [], []
+    for d in subdirs:
+        folder = os.path.join(path, d)
+        for name in sorted(os.listdir(folder)):
+            try:
+                with Image.open(os.path.join(folder, name)) as img:
+                    img = img.convert("L").resize((size, size), Image.BILINEAR)
+                    images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8))
+            except OSError:
+                continue                                   # not an image (e.g. a README): skip it
+            labels.append(int(d))
+    if not images:
+        raise UserError(f"--data {path}: no readable images in its label folders")
+    return torch.stack(images).view(-1, 1, size, size), torch.tensor(labels)
+
+
+def fit_size(images, size):
+    """Pad (black) or center-crop MNIST-style data to size x size: a resize round trip would blur digits."""
+    h = images.shape[-1]
+    if h < size:
+        p = (size - h) // 2
+        return F.pad(images, (p, size - h - p, p, size - h - p))
+    if h > size:
+        c = (h - size) // 2
+        return images[..., c:c + size, c:c + size]
+    return images
+
+
 def main():
     parser = argparse.ArgumentParser(description="Load a data set once and show a few images per label.")
     parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
@@ -156,7 +157,6 @@ def main():
     counts = torch.bincount(labels).tolist()
     print(f"{len(images)} images {tuple(images.shape[1:])} {images.dtype}, "
           f"{images.numel() / 2**20:.1f} MiB in memory; per label: {counts}")
-    from denoise import save_grid
     rows = [images[labels == k][:8] for k in range(len(counts))]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     save_grid(torch.cat(rows), args.out, nrow=8)

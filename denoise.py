@@ -13,120 +13,66 @@ import os
 import time
 
 import torch
+from PIL import Image
 
-from config import (SampleConfig, UserError, atomic_save, atomic_write, autocast_dtype, check_output_path, make_folder,
-                    pick_device, run_main)
-from diffusion import Schedule, backward_denoise, to_uint8
-
-GIF_FRAMES = 40             # snapshots kept along the way: every 4th is a column of the PNG figure
-
-
-# ----------------------------------------------------------------------------- pictures
-
-def save_figure(fig, path):
-    """Write a matplotlib figure as PNG, atomically."""
-    import matplotlib.pyplot as plt
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+from config import SampleConfig, UserError, atomic_save, autocast_dtype, check_output_path, make_folder, pick_device, run_main
+from diffusion import Schedule, backward_denoise
+from figures import save_animation, save_grid, save_process_figure, save_side_by_side, to_uint8
+from lora import apply_lora_files, merge_lora, set_lora_scale
+from unet import load_model
 
 
-def save_grid(images, path, nrow, row_names=None):
-    """uint8 images (N,1,H,W) -> one PNG, nrow images per row."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torchvision
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=64)   # (3, H', W')
-    rows = (len(images) + nrow - 1) // nrow
-    fig = plt.figure(figsize=(nrow * 0.45 + 0.6, rows * 0.45 + 0.2))
-    plt.imshow(grid[0], cmap="gray", vmin=0, vmax=255)
-    if row_names is not None:
-        step = grid.shape[1] / rows
-        plt.yticks([step * (i + 0.5) for i in range(rows)], row_names, fontsize=8)
-        plt.xticks([])
-    else:
-        plt.axis("off")
-    save_figure(fig, path)
+def main():
+    """The blog's steps: load the trained model, put the LoRA adapter in (and merge it), denoise from pure
+    noise, and draw the process. Beyond it: several adapters, --lora-scale, --compare, the GIF, --save-samples."""
+    args = parse_args()                                       # (also checks the flags before any work)
+    device = pick_device(args.device)
+    dtype = autocast_dtype(args.precision, device)            # refuses an unknown --precision before any work
+    model, _ = load_model(args.checkpoint, args.weights, device)
+    labels = torch.tensor(parse_labels(args.labels, model.cfg.num_labels)).repeat_interleave(args.per_label)
+    if args.adapters:
+        files = apply_lora_files(model, args.adapters)       # inject_lora + load the A, B of every file
+        set_lora_scale(model, args.lora_scale)
+        if args.merge:
+            merge_lora(model)
+        print("LoRA " + ", ".join(f"{path} x{w:g} (r={f['rank']}, {','.join(f['targets'])})"
+                                  for (path, w), f in zip(args.adapters, files))
+              + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
+    sched = Schedule.from_config(model.cfg)
+
+    start = time.time()
+    x, snapshots = sample_as_asked(model, sched, labels, args, device, dtype, keep=SampleConfig.gif_frames)
+    seconds = time.time() - start
+    images = to_uint8(x).cpu()
+    total = snapshots[-1][0]
+    print(f"sampled {len(labels)} images with {args.sampler} ({total} steps, guidance {args.guidance}) "
+          f"in {seconds:.1f} s")
+
+    first = [labels.tolist().index(k) for k in dict.fromkeys(labels.tolist())]   # one row per label
+    columns = process_columns(snapshots)
+    process = os.path.join(args.out_dir, "denoise_process.png")
+    save_process_figure([imgs[first] for _, imgs in columns], labels[first], process,
+                        ["noise"] + [f"{n}/{total}" for n, _ in columns[1:]])
+    animation = os.path.join(args.out_dir, "denoise_process.gif")
+    save_animation([imgs[first] for _, imgs in snapshots], animation)
+    grid = os.path.join(args.out_dir, "samples.png")
+    nrow = args.per_label if len(first) > 1 else min(len(images), 10)
+    save_grid(images, grid, nrow=nrow)
+    print(f"saved {process}, {animation} and {grid}")
+    if args.save_samples:
+        atomic_save({"images": images, "labels": labels}, args.save_samples)
+        print(f"saved {len(images)} samples to {args.save_samples}")
+    if args.compare:
+        compare = os.path.join(args.out_dir, "compare.png")
+        save_side_by_side(compare_base_lora_merged(model, sched, x, labels, args, device, dtype), compare, nrow=nrow)
+        print(f"saved {compare}")
+    if args.show:
+        for path in (process, grid):
+            Image.open(path).show()                           # the system's image viewer
 
 
-def save_side_by_side(panels, path, nrow):
-    """{title: uint8 images (N,1,H,W)} -> one PNG with the panels' grids next to each other."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torchvision
-    grids = [torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=64)[0] for images in panels.values()]
-    height, width = grids[0].shape
-    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * (width / 60 + 0.2), height / 60 + 0.5), squeeze=False)
-    for ax, title, grid in zip(axes[0], panels, grids):
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    save_figure(fig, path)
-
-
-def save_process_figure(snapshots, labels, path, step_names):
-    """The tutorial's figure: one row per sample, columns = the image along the denoising steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n, k = len(labels), len(snapshots)
-    fig, axes = plt.subplots(n, k, figsize=(k * 0.8, n * 0.8), squeeze=False)
-    for j, snap in enumerate(snapshots):
-        for i in range(n):
-            axes[i, j].imshow(to_uint8(snap[i, 0]), cmap="gray", vmin=0, vmax=255)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title(step_names[j], fontsize=7)
-            if j == 0:
-                axes[i, j].set_ylabel(str(int(labels[i])), fontsize=8, rotation=0, labelpad=8)
-    save_figure(fig, path)
-
-
-def save_animation(frames, path, scale=4):
-    """Frames of images in [-1, 1] (each (n,1,H,W)) -> an animated GIF, one image per sample in a row.
-    Pillow comes with torchvision; the last frame is held longer so the result can be seen."""
-    import torchvision
-    from PIL import Image
-    pictures = []
-    for imgs in frames:
-        grid = torchvision.utils.make_grid(to_uint8(imgs), nrow=len(imgs), padding=1)[0]   # (H', W')
-        pictures.append(Image.fromarray(grid.numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                                             Image.NEAREST))
-    atomic_write(path, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, duration=80, loop=0,
-                                                    append_images=pictures[1:] + [pictures[-1]] * 10))
-
-
-def save_loss_curve(losses, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    losses = torch.tensor(losses)
-    k = max(1, len(losses) // 100)                                    # smooth over ~1% of the run
-    smooth = losses[: len(losses) // k * k].view(-1, k).mean(1)
-    fig = plt.figure(figsize=(6, 3.5))
-    plt.plot(range(len(losses)), losses, alpha=0.25, label="per step")
-    plt.plot([k * (i + 0.5) for i in range(len(smooth))], smooth, label=f"mean of {k} steps")
-    plt.yscale("log")
-    plt.xlabel("step")
-    plt.ylabel("MSE(eps, eps_theta)")
-    plt.legend()
-    save_figure(fig, path)
-
-
-def save_sample_grid(model, sched, path, seed=0, per_label=8, **sampling):
-    """Sample per_label images of every label and save them as a grid (one row per label)."""
-    labels = torch.arange(model.cfg.num_labels).repeat_interleave(per_label)
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    defaults = {"sampler": SampleConfig.sampler, "guidance": SampleConfig.guidance}
-    x, _ = backward_denoise(model, sched, labels, generator=g, **(defaults | sampling))
-    save_grid(to_uint8(x).cpu(), path, nrow=per_label, row_names=[str(k) for k in range(model.cfg.num_labels)])
-
-
-# ----------------------------------------------------------------------------- the script
+# ----------------------------------------------------------------------------- beyond the blog: sampling as asked,
+# the figure's columns, --compare, the command line
 
 def sample_as_asked(model, sched, labels, args, device, dtype, keep=0):
     """backward_denoise with the command line's sampler, steps, eta, guidance and seed (a fresh generator,
@@ -136,11 +82,16 @@ def sample_as_asked(model, sched, labels, args, device, dtype, keep=0):
                             generator=g, keep=keep, dtype=dtype)
 
 
+def process_columns(snapshots, n=SampleConfig.figure_columns):
+    """The snapshots the PNG figure shows: the pure noise, then n evenly spaced ones of the rest, always
+    ending on the finished image (whatever the sampler and step count)."""
+    picks = torch.linspace(1, len(snapshots) - 1, min(n, len(snapshots) - 1)).round().long().tolist()
+    return [snapshots[0]] + [snapshots[i] for i in picks]
+
+
 def compare_base_lora_merged(model, sched, x_lora, labels, args, device, dtype):
     """Sample again with the same seed and labels: the base checkpoint without any LoRA layer, and
     `model` after merge_lora. x_lora: what `model` (unmerged) drew. Returns {title: uint8 images}."""
-    from lora import merge_lora
-    from train import load_model
     base, _ = load_model(args.checkpoint, args.weights, device)
     x_base, _ = sample_as_asked(base, sched, labels, args, device, dtype)
     merge_lora(model)                                        # W' = W + dW in every adapted layer
@@ -205,7 +156,7 @@ def parse_args():
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=SampleConfig.sampler, help="DDPM (T steps) or DDIM")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"denoising steps (default: T for ddpm, {SampleConfig.ddim_steps} for ddim)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
+    parser.add_argument("--eta", type=float, default=SampleConfig.eta, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
     parser.add_argument("--guidance", type=float, default=SampleConfig.guidance,
                         help="classifier-free guidance weight w (0 = off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -216,11 +167,7 @@ def parse_args():
     parser.add_argument("--precision", default="auto",
                         help="auto (bf16 autocast where the hardware has it, else fp32), fp32, bf16 or fp16")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
-    return parser.parse_args()
-
-
-def main():
-    args = parse_args()
+    args = parser.parse_args()
     if args.per_label < 1:
         raise UserError(f"--per-label must be positive, got {args.per_label}")
     if args.guidance < 0:
@@ -231,64 +178,14 @@ def main():
         raise UserError(f"{'--merge' if args.merge else '--compare'} needs --lora FILE")
     if args.merge and args.compare:
         raise UserError("--compare samples the merged model itself; leave out --merge")
-    if not args.lora_scale >= 0:
-        raise UserError(f"--lora-scale must be >= 0, got {args.lora_scale}")
     if args.lora_scale != 1.0 and not args.lora:
         raise UserError("--lora-scale needs --lora FILE")
-    adapters = [parse_lora_arg(text) for text in args.lora]
+    args.adapters = [parse_lora_arg(text) for text in args.lora]
     make_folder(args.out_dir)
     if args.save_samples:
         check_output_path(args.save_samples)
-    from train import load_model
-    device = pick_device(args.device)
-    dtype = autocast_dtype(args.precision, device)            # refuses an unknown --precision before any work
-    model, ckpt = load_model(args.checkpoint, args.weights, device)
-    labels = torch.tensor(parse_labels(args.labels, model.cfg.num_labels)).repeat_interleave(args.per_label)
-    if adapters:
-        from lora import apply_lora_files, merge_lora, set_lora_scale
-        files = apply_lora_files(model, adapters)
-        set_lora_scale(model, args.lora_scale)
-        if args.merge:
-            merge_lora(model)
-        print("LoRA " + ", ".join(f"{path} x{w:g} (r={f['rank']}, {','.join(f['targets'])})"
-                                  for (path, w), f in zip(adapters, files))
-              + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
-    sched = Schedule.from_config(model.cfg)
+    return args
 
-    start = time.time()
-    x, snapshots = sample_as_asked(model, sched, labels, args, device, dtype, keep=GIF_FRAMES)
-    seconds = time.time() - start
-    images = to_uint8(x).cpu()
-    total = snapshots[-1][0]
-    print(f"sampled {len(labels)} images with {args.sampler} ({total} steps, guidance {args.guidance}) "
-          f"in {seconds:.1f} s")
-
-    first = [labels.tolist().index(k) for k in dict.fromkeys(labels.tolist())]   # one row per label
-    columns = snapshots[::GIF_FRAMES // 10]                                       # noise + 10 steps
-    process = os.path.join(args.out_dir, "denoise_process.png")
-    save_process_figure([imgs[first] for _, imgs in columns], labels[first], process,
-                        ["noise"] + [f"{n}/{total}" for n, _ in columns[1:]])
-    animation = os.path.join(args.out_dir, "denoise_process.gif")
-    save_animation([imgs[first] for _, imgs in snapshots], animation)
-    grid = os.path.join(args.out_dir, "samples.png")
-    save_grid(images, grid, nrow=args.per_label if len(first) > 1 else min(len(images), 10))
-    print(f"saved {process}, {animation} and {grid}")
-    if args.save_samples:
-        atomic_save({"images": images, "labels": labels}, args.save_samples)
-        print(f"saved {len(images)} samples to {args.save_samples}")
-    if args.compare:
-        compare = os.path.join(args.out_dir, "compare.png")
-        panels = compare_base_lora_merged(model, sched, x, labels, args, device, dtype)
-        save_side_by_side(panels, compare, nrow=args.per_label if len(first) > 1 else min(len(images), 10))
-        print(f"saved {compare}")
-    if args.show:
-        import matplotlib.pyplot as plt
-        from PIL import Image
-        for path in (process, grid):
-            plt.figure()
-            plt.imshow(Image.open(path))
-            plt.axis("off")
-        plt.show()
 
 
 if __name__ == "__main__":

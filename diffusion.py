@@ -12,6 +12,7 @@ import torch
 
 from config import ModelConfig, SampleConfig, UserError, check_output_path, run_main
 from dataset import load_images, to_model_range
+from figures import plt, save_figure
 
 
 class Schedule:
@@ -24,7 +25,7 @@ class Schedule:
         self.alpha_bars = torch.cumprod(self.alphas, dim=0)                 # abar_t = prod_{s<=t} alpha_s
         # abar_{t-1}, with abar_{-1} = 1 (no noise before the first step)
         self.alpha_bars_prev = torch.cat([torch.ones(1), self.alpha_bars[:-1]])
-        # variance of q(x_{t-1} | x_t, x_0):  beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+        # variance of q(x_{t-1} | x_t, x_0) (Ho et al. eq. 7):  beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
         self.posterior_variance = self.betas * (1 - self.alpha_bars_prev) / (1 - self.alpha_bars)
 
     @classmethod
@@ -38,16 +39,16 @@ def _at(values, t, x):
 
 
 def forward_diffusion(sched, x0, t, noise=None):
-    """Sample x_t ~ q(x_t | x_0) in one jump:  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
-    Returns (x_t, eps); eps is the target the network learns to predict."""
+    """Sample x_t ~ q(x_t | x_0) in one jump (Ho et al. 2020, eq. 4):  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    x0 (B,C,H,W), t (B,). Returns (x_t, eps); eps is the target the network learns to predict."""
     if noise is None:
         noise = torch.randn_like(x0)
-    abar = _at(sched.alpha_bars, t, x0)
+    abar = _at(sched.alpha_bars, t, x0)                                  # (B,1,1,1)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, noise
 
 
 def ddpm_step(sched, x_t, t, eps, generator=None):
-    """One DDPM reverse step x_t -> x_{t-1} (t is an int, the same for the whole batch):
+    """One DDPM reverse step x_t -> x_{t-1} (Ho et al. 2020, Algorithm 2, line 4; t is an int for the batch):
     mean = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps);  x_{t-1} = mean + sqrt(beta~_t) z."""
     alpha, abar, beta = sched.alphas[t], sched.alpha_bars[t], sched.betas[t]
     mean = (x_t - beta / (1 - abar).sqrt() * eps) / alpha.sqrt()
@@ -57,48 +58,14 @@ def ddpm_step(sched, x_t, t, eps, generator=None):
     return mean + sched.posterior_variance[t].sqrt() * z
 
 
-def ddim_step(sched, x_t, t, t_prev, eps, eta=0.0, generator=None):
-    """One DDIM step x_t -> x_{t_prev}, t_prev < t (t_prev = -1 means 'clean image'):
-    x0^ = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
-    x_prev = sqrt(abar_prev) x0^ + sqrt(1 - abar_prev - sigma^2) eps + sigma z       (eta = 0: deterministic)"""
-    abar = sched.alpha_bars[t]
-    abar_prev = sched.alpha_bars[t_prev] if t_prev >= 0 else torch.tensor(1.0)
-    x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
-    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-    if eta > 0 and t_prev >= 0:
-        x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device)
-    return x_prev
-
-
-def predict_noise(model, x_t, t, labels, guidance=0.0, null_label=None, dtype=None):
-    """eps(x_t, t, label). With classifier-free guidance (Ho & Salimans 2022), w = guidance:
-    eps = eps_uncond + (1 + w) (eps_cond - eps_uncond), both from ONE batched forward pass.
-    dtype (e.g. torch.bfloat16): run the network under torch.autocast; the sampler's own maths stays fp32."""
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    with torch.autocast(x_t.device.type, dtype=dtype, enabled=dtype is not None):
-        if guidance == 0:
-            return model(x_t, tt, labels).float()
-        nulls = torch.full_like(labels, null_label)
-        eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([labels, nulls])).float()
-    eps_cond, eps_uncond = eps.chunk(2)
-    return eps_uncond + (1 + guidance) * (eps_cond - eps_uncond)
-
-
-def timesteps(T, steps):
-    """`steps` timesteps evenly spaced over T-1 .. 0, largest first (all T of them for steps=T)."""
-    if not 1 <= steps <= T:
-        raise UserError(f"--steps must be between 1 and T={T}, got {steps}")
-    return torch.linspace(T - 1, 0, steps).round().long().tolist()
-
-
 @torch.no_grad()
-def backward_denoise(model, sched, labels, sampler="ddpm", steps=None, eta=0.0, guidance=0.0,
-                     generator=None, keep=0, dtype=None):
-    """Start from pure noise x_T ~ N(0, I) and denoise step by step (the tutorial's backward_denoise).
-    Returns the clean images in [-1, 1] and, if keep > 0, snapshots [(steps done, images), ...]: the
-    pure noise, then `keep` evenly spaced points of the way, the last one being the result."""
+def backward_denoise(model, sched, labels, sampler=SampleConfig.sampler, steps=None, eta=SampleConfig.eta,
+                     guidance=SampleConfig.guidance, generator=None, keep=0, dtype=None):
+    """Start from pure noise x_T ~ N(0, I) and denoise step by step (Algorithm 2 for sampler="ddpm").
+    steps: T for DDPM, SampleConfig.ddim_steps for DDIM unless given. Returns the clean images in [-1, 1]
+    and, if keep > 0, snapshots [(steps done, images), ...]: the pure noise, then up to `keep` evenly
+    spaced points of the way, the last one being the result. (The blog's listing returns every step's
+    image and samples with DDPM only, without guidance.)"""
     cfg = model.cfg
     device = next(model.parameters()).device
     if steps is None:                                # (not `steps or ...`: --steps 0 must be refused)
@@ -107,7 +74,7 @@ def backward_denoise(model, sched, labels, sampler="ddpm", steps=None, eta=0.0, 
         raise UserError(f"the DDPM sampler walks all T={sched.T} steps; use --sampler ddim for fewer")
     ts = timesteps(sched.T, steps)
     shape = (len(labels), cfg.in_channels, cfg.image_size, cfg.image_size)
-    x = torch.randn(shape, generator=generator, device=device)                # x_T
+    x = torch.randn(shape, generator=generator, device=device)                # x_T (B,C,H,W)
     labels = labels.to(device)
     record = set(torch.linspace(0, len(ts) - 1, keep).round().long().tolist()) if keep else set()
     snapshots = [(0, x.cpu())] if keep else []
@@ -122,9 +89,42 @@ def backward_denoise(model, sched, labels, sampler="ddpm", steps=None, eta=0.0, 
     return x.clamp(-1, 1), snapshots
 
 
-def to_uint8(x):
-    """Model range [-1, 1] -> pixels 0..255 (uint8), white digit on black."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+# ----------------------------------------------------------------------------- beyond the blog: DDIM, guidance, demo
+
+def ddim_step(sched, x_t, t, t_prev, eps, eta=SampleConfig.eta, generator=None):
+    """One DDIM step x_t -> x_{t_prev}, t_prev < t (t_prev = -1 means 'clean image'); Song et al. 2021, eq. 12:
+    x0^ = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)            (their eq. 16)
+    x_prev = sqrt(abar_prev) x0^ + sqrt(1 - abar_prev - sigma^2) eps + sigma z       (eta = 0: deterministic)"""
+    abar = sched.alpha_bars[t]
+    abar_prev = sched.alpha_bars[t_prev] if t_prev >= 0 else torch.tensor(1.0)
+    x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    if eta > 0 and t_prev >= 0:
+        x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device)
+    return x_prev
+
+
+def predict_noise(model, x_t, t, labels, guidance=SampleConfig.guidance, null_label=None, dtype=None):
+    """eps(x_t, t, label). With classifier-free guidance (Ho & Salimans 2022, eq. 6), w = guidance:
+    eps = eps_uncond + (1 + w) (eps_cond - eps_uncond), both from ONE batched forward pass (2B images).
+    dtype (e.g. torch.bfloat16): run the network under torch.autocast; the sampler's own maths stays fp32."""
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    with torch.autocast(x_t.device.type, dtype=dtype, enabled=dtype is not None):
+        if guidance == 0:
+            return model(x_t, tt, labels).float()
+        nulls = torch.full_like(labels, null_label)
+        eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([labels, nulls])).float()   # (2B,C,H,W)
+    eps_cond, eps_uncond = eps.chunk(2)
+    return eps_uncond + (1 + guidance) * (eps_cond - eps_uncond)
+
+
+def timesteps(T, steps):
+    """`steps` timesteps evenly spaced over T-1 .. 0, largest first (all T of them for steps=T)."""
+    if not 1 <= steps <= T:
+        raise UserError(f"--steps must be between 1 and T={T}, got {steps}")
+    return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
 
 def main():
@@ -135,11 +135,6 @@ def main():
     parser.add_argument("--out", default="outputs/forward_diffusion.png", help="PNG file to write")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the noise")
     args = parser.parse_args()
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from denoise import save_figure          # denoise.py imports this file, so import it here
-
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     check_output_path(args.out)
     cfg = ModelConfig()

@@ -1,15 +1,12 @@
-"""LoRA: fine-tune a frozen model through small low-rank updates (blog part 11).
+"""LoRA: fine-tune a frozen model through small low-rank updates (blog part 11; Hu et al. 2021).
 
-A frozen linear layer y = W x gets a trainable detour through rank r:
+A frozen linear layer y = W x gets a trainable detour through rank r (Hu et al. 2021, eq. 3, with x as a row):
 
     y = W x + (x A B) * alpha / r        A (in, r) random,  B (r, out) zeros
 
 so at the start the model is unchanged (B = 0) and only r * (in + out) numbers per layer train.
 After training, the detour can be folded into W (merge_lora): W' = W + (A B)^T alpha / r, and the
-model runs exactly as fast as before. unmerge_lora puts the original W back.
-
-A frozen 3x3 convolution gets the same kind of detour (LoraConv2d): a k x k conv down to r channels
-followed by a 1x1 conv back up, which is again a k x k conv of rank r, so it merges the same way.
+model runs exactly as fast as before.
 
     python lora.py                                  # injects LoRA into a fresh UNet and prints what trains
     python lora.py --inspect lora.pt --base model.pt    # how big each layer's update is
@@ -24,122 +21,135 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import UserError, load_file
-
-# The names --lora-targets understands, and the layers each one covers.
-TARGETS = {
-    "Wq": "the attention query projection (nn.Linear named Wq)",
-    "Wk": "the attention key projection (Wk)",
-    "Wv": "the attention value projection (Wv)",
-    "Wo": "the attention output projection (Wo)",
-    "ff": "the two nn.Linear of each Transformer block's feed-forward (ff.0 and ff.2)",
-    "conv": "every nn.Conv2d inside a ConvBlock (conv1, conv2 and a 1x1 skip)",
-}
+from config import FinetuneConfig, ModelConfig, UserError, load_file, run_main
+from unet import ConvBlock, UNet, count_parameters, load_model
 
 
-# ----------------------------------------------------------------------------- the LoRA layers
+class LoraLayer(nn.Module):
+    """Wraps a frozen nn.Linear `base` (W: in -> out) and adds the trainable detour x A B, times alpha / r."""
+    A_RANK_DIM, B_RANK_DIM = 1, 0          # which axis of lora_a / lora_b is r (apply_lora_files stacks along it)
 
-def delta_from(lora_a, lora_b, factor):
-    """The update a LoRA pair adds to its base weight, times `factor` (alpha / r * scale):
-    linear: A (in, r), B (r, out)          ->  dW = (A B)^T                      (out, in)
-    conv:   A (r, in, k, k), B (out, r, 1, 1) -> a 1x1 conv after a k x k conv is one k x k conv:
-            dW[o, i] = sum_r B[o, r] A[r, i]  (out, in, k, k)"""
-    if lora_a.dim() == 2:
-        return (lora_a @ lora_b).T * factor
-    return torch.einsum("or,rikl->oikl", lora_b[:, :, 0, 0], lora_a) * factor
-
-
-class LoraBase(nn.Module):
-    """What LoraLayer and LoraConv2d share: output = base(x) + detour(x) * alpha / r * scale,
-    the `scale` knob (0 = base model only, 1 = adapter as trained), and merging into base.weight."""
-    A_RANK_DIM = B_RANK_DIM = None          # which axis of lora_a / lora_b is the rank r
-
-    def _init_lora(self, base, r, alpha):
+    def __init__(self, base, r=FinetuneConfig.lora_rank, alpha=FinetuneConfig.lora_alpha):
+        super().__init__()
         if r < 1:
             raise UserError(f"LoRA rank must be >= 1, got {r}")
         self.base, self.r, self.alpha = base, r, alpha
-        self.scale = 1.0
-        self.merged = False                 # True while delta_weight() is folded into base.weight
-        self.unmerged_weight = None         # the original base.weight while merged (to undo exactly)
+        self.lora_a, self.lora_b = self.new_factors(base, r)
+        self.scale = 1.0                   # set_lora_scale: 0 = base model only, 1 = adapter as trained
+        self.merged = False                # True while delta_weight() is folded into base.weight
+        self.unmerged_weight = None        # the original base.weight while merged (to undo exactly)
 
-    def factor(self):
-        return self.alpha / self.r * self.scale
+    def new_factors(self, base, r):
+        a = nn.Parameter(torch.empty(base.in_features, r))           # A (in, r)
+        b = nn.Parameter(torch.zeros(r, base.out_features))          # B (r, out): zero, so y = W x at first
+        # Kaiming-uniform with fan_in = in_features, as nn.Linear initialises its own weight. (The blog's
+        # listing calls kaiming_uniform_ on the (in, r) tensor, whose fan_in is then r.)
+        nn.init.kaiming_uniform_(a.T, a=math.sqrt(5))
+        return a, b
 
-    def delta_weight(self):
-        """The update LoRA adds to base.weight: (A B)^T * alpha / r * scale (see delta_from)."""
-        return delta_from(self.lora_a, self.lora_b, self.factor())
-
-    def forward(self, x):
+    def forward(self, x):                  # x (.., in) -> (.., out)
         if self.merged or self.scale == 0:  # merged: base.weight already holds W + dW
             return self.base(x)
-        return self.base(x) + self.detour(x) * self.factor()
+        return self.base(x) + (x @ self.lora_a @ self.lora_b) * (self.alpha / self.r * self.scale)   # W x + x A B alpha/r
+
+    @staticmethod
+    def product(a, b):
+        """(A B)^T: the update's shape is base.weight's (out, in)."""
+        return (a @ b).T
+
+    def delta_weight(self):
+        """The update LoRA adds to base.weight: dW = (A B)^T alpha / r * scale."""
+        return self.product(self.lora_a, self.lora_b) * (self.alpha / self.r * self.scale)
 
     @torch.no_grad()
     def merge(self):
         """W' = W + dW, computed in fp32. Keeps W itself to undo: W + dW - dW is not always W again
         in floating point (and far from it in bf16), a copy is."""
-        if self.merged:
-            raise UserError("LoRA is already merged into the weights; merging again would add it twice "
-                            "(unmerge_lora first)")
         weight = self.base.weight
         self.unmerged_weight = weight.detach().clone()
         weight.copy_((weight.float() + self.delta_weight().float()).to(weight.dtype))
         self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self):
-        """W' -> W: puts the base weight from before merge() back."""
-        if not self.merged:
-            raise UserError("LoRA is not merged, there is nothing to unmerge")
-        self.base.weight.copy_(self.unmerged_weight)
-        self.unmerged_weight, self.merged = None, False
+
+def inject_lora(model, targets=FinetuneConfig.lora_targets, r=FinetuneConfig.lora_rank,
+                alpha=FinetuneConfig.lora_alpha):
+    """Wrap every layer that one of `targets` covers (see TARGETS) in a LoRA layer; returns their full
+    names. (The blog's inject_lora takes one layer at a time and handles nn.Linear only.)"""
+    check_lora_targets(targets)
+    names = [name for name, m in model.named_modules() if target_of(model, name, m) in targets]
+    if not names:
+        raise UserError(f"no layer of this model is covered by {', '.join(targets) or 'no targets'}")
+    for name in names:
+        wrap_layer(model, name, r, alpha)
+    return names
 
 
-class LoraLayer(LoraBase):
-    """Wraps a frozen nn.Linear `base`; output = base(x) + (x @ A @ B) * alpha / r * scale."""
-    A_RANK_DIM, B_RANK_DIM = 1, 0
-
-    def __init__(self, base: nn.Linear, r, alpha):
-        super().__init__()
-        self._init_lora(base, r, alpha)
-        self.lora_a = nn.Parameter(torch.empty(base.in_features, r))
-        self.lora_b = nn.Parameter(torch.zeros(r, base.out_features))
-        # Kaiming-uniform with fan_in = in_features, as nn.Linear initialises its own weight. (The
-        # tutorial called kaiming_uniform_ on the (in, r) tensor, whose fan_in is then r.)
-        nn.init.kaiming_uniform_(self.lora_a.T, a=math.sqrt(5))
-
-    def detour(self, x):
-        return x @ self.lora_a @ self.lora_b                     # (.., in) -> (.., r) -> (.., out)
+def mark_only_lora_trainable(model):
+    """requires_grad = True for LoRA's A and B, False for everything else. (The blog's listing has it
+    inverted: it freezes A and B and trains the base.)"""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.split(".")[-1] in ("lora_a", "lora_b")
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-class LoraConv2d(LoraBase):
-    """Wraps a frozen nn.Conv2d `base` (k x k, in -> out); output = base(x) + B(A(x)) * alpha / r * scale
-    with A a k x k conv in -> r (same stride and padding as base, no bias) and B a 1x1 conv r -> out
-    starting at zero, so a fresh adapter changes nothing. r * (in k k + out) numbers train."""
+def lora_state_dict(model):
+    """Only the LoRA tensors, e.g. {'down.0.transformer.attn.Wq.lora_a': ..., ...}."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k.split(".")[-1] in ("lora_a", "lora_b")}
+
+
+def merge_lora(model):
+    """Fold every LoRA layer into its base weight: W' = W + (A B)^T alpha / r * scale (in fp32). The
+    LoRA layers stay in place, marked merged (they then just call base), so that unmerge_lora can undo
+    it; merging twice is refused. (The blog's listing loops `for name, layer in model`, which crashes.)"""
+    layers = lora_layers(model)
+    if any(m.merged for m in layers.values()):
+        raise UserError("LoRA is already merged into the weights; merging again would add it twice "
+                        "(unmerge_lora first)")
+    for m in layers.values():
+        m.merge()
+    return list(layers)
+
+
+# ----------------------------------------------------------------------------- beyond the blog: conv layers, more
+# targets, strict loading, scale, unmerging, LoRA files, several adapters at once, the script
+
+# The names --lora-targets understands: the attention projections Wq, Wk, Wv, Wo; "ff", the two nn.Linear of
+# each Transformer block's feed-forward (ff.0, ff.2); "conv", every nn.Conv2d of a ConvBlock (conv1, conv2, skip).
+TARGETS = ("Wq", "Wk", "Wv", "Wo", "ff", "conv")
+
+
+class LoraConv2d(LoraLayer):
+    """Wraps a frozen nn.Conv2d `base` (k x k, in -> out): y = base(x) + B(A(x)) alpha / r, with A a k x k
+    conv in -> r (base's stride and padding, no bias) and B a 1x1 conv r -> out starting at zero. A 1x1 conv
+    after a k x k conv is one k x k conv of rank r, so it merges like LoraLayer. r (in k k + out) numbers train."""
     A_RANK_DIM, B_RANK_DIM = 0, 1
 
-    def __init__(self, base: nn.Conv2d, r, alpha):
-        super().__init__()
+    def new_factors(self, base, r):
         if base.groups != 1 or base.padding_mode != "zeros":
             raise UserError("LoraConv2d handles plain convolutions only (groups=1, zero padding)")
-        self._init_lora(base, r, alpha)
-        k = base.kernel_size
-        self.lora_a = nn.Parameter(torch.empty(r, base.in_channels, *k))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_channels, r, 1, 1))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))   # fan_in = in * k * k, as nn.Conv2d does
+        a = nn.Parameter(torch.empty(r, base.in_channels, *base.kernel_size))     # A (r, in, k, k)
+        b = nn.Parameter(torch.zeros(base.out_channels, r, 1, 1))                  # B (out, r, 1, 1)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))   # fan_in = in * k * k, as nn.Conv2d does
+        return a, b
 
-    def detour(self, x):
+    def forward(self, x):                  # x (B, in, H, W) -> (B, out, H', W')
+        if self.merged or self.scale == 0:
+            return self.base(x)
         base = self.base
         h = F.conv2d(x, self.lora_a, None, base.stride, base.padding, base.dilation)   # (B, r, H', W')
-        return F.conv2d(h, self.lora_b)                                                # (B, out, H', W')
+        return base(x) + F.conv2d(h, self.lora_b) * (self.alpha / self.r * self.scale)
+
+    @staticmethod
+    def product(a, b):
+        """dW[o, i] = sum_r B[o, r] A[r, i]: (out, in, k, k), base.weight's shape."""
+        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
 
 
 def lora_layers(model):
     """{full name: layer} of every LoRA layer in the model, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraBase)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
-
-# ----------------------------------------------------------------------------- putting LoRA in
 
 def check_lora_targets(targets):
     unknown = [t for t in targets if t not in TARGETS]
@@ -149,7 +159,6 @@ def check_lora_targets(targets):
 
 def target_of(model, name, module):
     """The --lora-targets name that covers this layer, or None."""
-    from unet import ConvBlock
     parts = name.split(".")
     if type(module) is nn.Linear:
         if parts[-1] in ("Wq", "Wk", "Wv", "Wo"):
@@ -175,34 +184,9 @@ def wrap_layer(model, name, r, alpha):
     return layer
 
 
-def inject_lora(model, targets=("Wq", "Wk", "Wv"), r=4, alpha=4.0):
-    """Wrap every layer that one of `targets` covers (see TARGETS) in a LoRA layer.
-    Returns the wrapped layers' full names. (The tutorial's inject_lora took one layer at a time.)"""
-    check_lora_targets(targets)
-    names = [name for name, m in model.named_modules() if target_of(model, name, m) in targets]
-    if not names:
-        raise UserError(f"no layer of this model is covered by {', '.join(targets) or 'no targets'}")
-    for name in names:
-        wrap_layer(model, name, r, alpha)
-    return names
-
-
-def mark_only_lora_trainable(model):
-    """requires_grad = True for LoRA's A and B, False for everything else. (The tutorial had it inverted.)"""
-    for name, p in model.named_parameters():
-        p.requires_grad = name.split(".")[-1] in ("lora_a", "lora_b")
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def lora_state_dict(model):
-    """Only the LoRA tensors, e.g. {'down.0.transformer.attn.Wq.lora_a': ..., ...}."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if k.split(".")[-1] in ("lora_a", "lora_b")}
-
-
 def load_lora_state_dict(model, state):
     """Strict load: every LoRA tensor of the model must be in `state` with the right shape, and
-    nothing else may be. (The tutorial wrapped its load in try/except: pass, hiding any mismatch.)"""
+    nothing else may be. (The blog's listing wraps its load in try/except: pass, hiding any mismatch.)"""
     own = lora_state_dict(model)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -215,8 +199,6 @@ def load_lora_state_dict(model, state):
     model.load_state_dict(state, strict=False)
 
 
-# ----------------------------------------------------------------------------- using a trained adapter
-
 def set_lora_scale(model, scale):
     """How much of the adapters to use: 0 = the base model exactly, 1 = as trained, in between = a blend
     (dW is linear in scale), above 1 = exaggerated."""
@@ -228,26 +210,15 @@ def set_lora_scale(model, scale):
         m.scale = scale
 
 
-def merge_lora(model):
-    """Fold every LoRA layer into its base weight: W' = W + (A B)^T alpha / r * scale (in fp32). The
-    LoRA layers stay in place (merged = True, they then just call base) so that unmerge_lora can undo
-    it; merging twice is refused. (The tutorial looped `for name, layer in model`, which crashes.)"""
-    layers = lora_layers(model)
-    if any(m.merged for m in layers.values()):
-        raise UserError("LoRA is already merged into the weights; merging again would add it twice "
-                        "(unmerge_lora first)")
-    for m in layers.values():
-        m.merge()
-    return list(layers)
-
-
 def unmerge_lora(model):
     """Undo merge_lora: every base weight is again exactly what it was before merging."""
     layers = {name: m for name, m in lora_layers(model).items() if m.merged}
     if not layers:
         raise UserError("no merged LoRA layer to unmerge")
-    for m in layers.values():
-        m.unmerge()
+    with torch.no_grad():
+        for m in layers.values():                    # W' -> W: the copy kept by merge()
+            m.base.weight.copy_(m.unmerged_weight)
+            m.unmerged_weight, m.merged = None, False
     return list(layers)
 
 
@@ -262,8 +233,6 @@ def unwrap_lora(model):
         setattr(model.get_submodule(parent_name), child, m.base)
     return list(layers)
 
-
-# ----------------------------------------------------------------------------- LoRA files
 
 def fingerprint(model):
     """A short hash of a model's weights, stored in LoRA files to recognise the base they were made for.
@@ -331,15 +300,12 @@ def apply_lora_files(model, adapters):
     return files
 
 
-# ----------------------------------------------------------------------------- the script
-
 def inspect(path, base_path=None, weights="ema"):
     """Print, per adapted layer in model order, ||dW||_F of its update dW = (A B)^T alpha / r (and
     relative to ||W||_F of the base layer with --base), then the totals."""
     f = load_file(path, "lora")
     base = None
     if base_path:
-        from train import load_model
         base, _ = load_model(base_path, weights)
         check_base_fingerprint(f, path, fingerprint(base), f"{base_path} ({weights} weights)")
     print(f"{path}: rank {f['rank']}, alpha {f['alpha']}, targets {','.join(f['targets'])}, "
@@ -348,7 +314,7 @@ def inspect(path, base_path=None, weights="ema"):
     total_sq = 0.0
     for layer in f["layers"]:
         a, b = f["lora"][f"{layer}.lora_a"].float(), f["lora"][f"{layer}.lora_b"].float()
-        delta = delta_from(a, b, f["alpha"] / f["rank"])
+        delta = (LoraLayer if a.dim() == 2 else LoraConv2d).product(a, b) * (f["alpha"] / f["rank"])
         norm = delta.norm().item()                           # Frobenius: sqrt(sum of squares)
         total_sq += norm ** 2
         line = f"{layer:40s} {str(tuple(delta.shape)):>18s} {norm:9.4f}"
@@ -362,9 +328,7 @@ def inspect(path, base_path=None, weights="ema"):
 
 
 def demo():
-    from config import ModelConfig, TrainConfig
-    from unet import UNet, count_parameters
-    tc = TrainConfig()
+    tc = FinetuneConfig()
     model = UNet(ModelConfig())
     x = torch.randn(4, 1, 28, 28)
     t, labels = torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
@@ -393,5 +357,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from config import run_main
     run_main(main)

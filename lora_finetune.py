@@ -11,7 +11,7 @@ The base checkpoint is only read, never written. The LoRA file holds the LoRA te
 alpha and target layers, and a fingerprint of the base weights, so it is refused on another base.
 While a run is unfinished (Ctrl-C, --time-budget, the save at each epoch's end) the file also keeps
 the optimizer and data position, so that --resume continues exactly; the file of a finished run
-holds the LoRA tensors only (44 KiB for the defaults, next to the base checkpoint's 6.4 MiB).
+holds the LoRA tensors only.
 
 --full fine-tunes every base parameter instead (same data, steps, seed and training loop) and
 writes an ordinary model checkpoint, as train.py does (with its EMA, which denoise.py uses by default).
@@ -23,61 +23,21 @@ import time
 
 import torch
 
-from config import (TrainConfig, UserError, add_config_flags, atomic_save, check_new_output,
+from config import (FinetuneConfig, UserError, add_config_flags, atomic_save, check_new_output,
                     config_from_dict, load_file, make_folder, run_main)
 from dataset import Batches, load_images
 from diffusion import Schedule
 from lora import (check_base_fingerprint, check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   mark_only_lora_trainable)
-from train import (Progress, checkpoint_dict, end_distributed, finish_run, fit, load_model, lr_schedule,
-                   make_ema, resolve_train_config, restore_training_state, setup_distributed, training_state)
-from unet import count_parameters
-
-# Fine-tuning defaults: those of training from scratch, but shorter. The learning rate differs by mode,
-# as measured on the Fashion-MNIST demo (1,000 steps; README): LoRA's update (A B)^T alpha/r moves W far
-# less per step than training W itself (B starts at zero, and each step's change of B reaches W through
-# A), so LoRA wants a larger lr. Wq,Wk,Wv r=4 reached 32% at lr 1e-3, 52% at 5e-3, 58% at 2e-2; every
-# target at r=8 70% at 1e-3, 88% at 3e-3, 94% at 1e-2. Full fine-tuning: 94% at 1e-3, 96% at 3e-3.
-FINETUNE = dataclasses.replace(TrainConfig(), max_steps=1000, lr=1e-2, warmup_steps=50)
-FULL_FINETUNE = dataclasses.replace(FINETUNE, lr=3e-3)
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base", default="model.pt", help="base checkpoint written by train.py (read only)")
-    parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which base weights to adapt")
-    parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
-    parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
-    parser.add_argument("--out", default=None, help="LoRA file (written atomically); default lora.pt, "
-                        "or full.pt with --full")
-    parser.add_argument("--full", action="store_true",
-                        help=f"fine-tune ALL base parameters instead of LoRA (--lora-* ignored, --lr default "
-                        f"{FULL_FINETUNE.lr:g}) and write a model checkpoint like train.py's, for comparison")
-    parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
-    parser.add_argument("--resume", action="store_true", help="continue from --out")
-    parser.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (overrides --max-steps)")
-    parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
-    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
-    group = parser.add_argument_group("fine-tuning")
-    add_config_flags(group, FINETUNE,
-                     only=("batch_size", "lr", "warmup_steps", "max_steps", "p_uncond", "seed", "precision",
-                           "lora_rank", "lora_alpha", "lora_targets"),
-                     aliases={"lora_rank": "--rank", "lora_alpha": "--alpha", "lora_targets": "--targets"})
-    return parser.parse_args()
+from train import (Progress, checkpoint_dict, end_distributed, finish_run, fit, lr_schedule, make_ema,
+                   resolve_train_config, restore_training_state, setup_distributed, training_state)
+from unet import count_parameters, load_model
 
 
 def main():
-    args = parse_args()
-    if args.out is None:
-        args.out = "full.pt" if args.full else "lora.pt"
-    if os.path.abspath(args.out) == os.path.abspath(args.base):
-        raise UserError("--out must not be the base checkpoint (fine-tuning never writes the base)")
-    check_new_output(args.out, args.resume, args.overwrite)
-    if args.lora_targets:
-        check_lora_targets(tuple(t for t in args.lora_targets.split(",") if t))   # before loading any data
-    make_folder(args.out_dir)
+    """The blog's steps: load the trained base, inject LoRA, train only A and B, save only A and B.
+    Beyond it: --full for comparison, --resume, and torchrun's several processes."""
+    args = parse_args()                                       # (also checks the files before any work)
     rank, world, device = setup_distributed(args.device)     # torchrun: this is process `rank` of `world`
     is_main = rank == 0                                       # only the main process prints and writes files
     model, _ = load_model(args.base, args.weights, device)
@@ -86,8 +46,10 @@ def main():
     if state:
         check_base_fingerprint(state, args.out, base_print, args.base)
     images, labels = load_images(args.data, args.data_root, model.cfg.image_size, model.cfg.num_labels)
-    saved = config_from_dict(TrainConfig, state["train_config"]) if state else None
-    tcfg = resolve_train_config(args, FULL_FINETUNE if args.full else FINETUNE, len(images), saved, world)
+    saved = config_from_dict(FinetuneConfig, state["train_config"]) if state else None
+    defaults = FinetuneConfig(lr=FinetuneConfig.full_lr) if args.full else FinetuneConfig()
+    tcfg = resolve_train_config(args, defaults, len(images), saved, world,
+                                positive=("max_steps", "lr", "lora_rank", "lora_alpha"))
     torch.manual_seed(tcfg.seed)                              # the same in every process: the same LoRA weights
     batches = Batches(images, labels, tcfg.batch_size, tcfg.seed, shard=(rank, world))
 
@@ -146,6 +108,44 @@ def main():
         print(f"{reason}: step {progress.step}, {seconds / 60:.1f} min ({per_step:.3f} s/step); saved {args.out}")
     finish_run(reason, ema.module if args.full else model, sched, progress.losses, args.out_dir,
                "full" if args.full else "lora", tcfg.seed, is_main)
+
+
+# ----------------------------------------------------------------------------- beyond the blog: the command line
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base", default="model.pt", help="base checkpoint written by train.py (read only)")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which base weights to adapt")
+    parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
+    parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
+    parser.add_argument("--out", default=None, help="LoRA file (written atomically); default lora.pt, "
+                        "or full.pt with --full")
+    parser.add_argument("--full", action="store_true",
+                        help=f"fine-tune ALL base parameters instead of LoRA (--lora-* ignored, --lr default "
+                        f"{FinetuneConfig.full_lr:g}) and write a model checkpoint like train.py's, for comparison")
+    parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
+    parser.add_argument("--resume", action="store_true", help="continue from --out")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (overrides --max-steps)")
+    parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
+    group = parser.add_argument_group("fine-tuning")
+    add_config_flags(group, FinetuneConfig(),
+                     only=("batch_size", "lr", "warmup_steps", "max_steps", "p_uncond", "seed", "precision",
+                           "lora_rank", "lora_alpha", "lora_targets"),
+                     aliases={"lora_rank": "--rank", "lora_alpha": "--alpha", "lora_targets": "--targets"})
+    args = parser.parse_args()
+    if args.out is None:
+        args.out = "full.pt" if args.full else "lora.pt"
+    if os.path.abspath(args.out) == os.path.abspath(args.base):
+        raise UserError("--out must not be the base checkpoint (fine-tuning never writes the base)")
+    check_new_output(args.out, args.resume, args.overwrite)
+    if args.lora_targets:
+        check_lora_targets(tuple(t for t in args.lora_targets.split(",") if t))   # before loading any data
+    make_folder(args.out_dir)
+    return args
+
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Train the label-conditioned diffusion UNet (the series' train.py).
 
-    python train.py --data ../shared/data/mnist-t10k        # ~10 minutes on 2 CPU cores
+    python train.py --data ../shared/data/mnist-t10k        # how long it takes: README, "What you get"
     python train.py --resume                                 # continue an interrupted run
     torchrun --standalone --nproc_per_node=8 train.py ...    # 8 GPUs, 8 x --batch-size images per step
     python train.py --help                                   # every setting
 
-Each step: pick x_0 and a random t, noise it in closed form, and teach the network to predict the
-noise: loss = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, label) ||^2.
+Each step (Ho et al. 2020, Algorithm 1): pick x_0 and a random t, noise it in closed form, and teach the
+network to predict the noise: loss = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, label) ||^2.
 Ctrl-C saves a resumable checkpoint (a second Ctrl-C quits at once; the last good file stays intact).
 lora_finetune.py reuses train_step() and fit() from this file.
 """
@@ -25,15 +25,17 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from config import (ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
-                    atomic_save, autocast_dtype, check_new_output, check_resume, config_from_dict, load_file, make_folder,
-                    pick_device, rng_state, run_main, set_rng_state)
+                    atomic_save, autocast_dtype, check_new_output, check_positive, check_resume, config_from_dict,
+                    load_file, make_folder, pick_device, rng_state, run_main, set_rng_state)
 from dataset import Batches, load_images
-from diffusion import Schedule, forward_diffusion
-from unet import UNet, check_model_config, count_parameters
+from diffusion import Schedule, backward_denoise, forward_diffusion
+from figures import save_grid, save_loss_curve, to_uint8
+from unet import UNet, check_model_config, count_parameters, load_weights
 
 
 def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None, shard=(0, 1)):
-    """One optimizer step of DDPM's simplified loss; returns the loss as a float. With dtype (bf16 or
+    """One optimizer step of DDPM's simplified loss (Ho et al. 2020, Algorithm 1, eq. 14); returns the loss
+    as a float. x0 (B,C,H,W) in [-1, 1], labels (B,). With dtype (bf16 or
     fp16) the forward pass runs under torch.autocast; fp16 also needs a GradScaler against underflow.
     shard=(rank, world): under torchrun, x0 is this process's slice of the global batch (see fit)."""
     (rank, world), B, device = shard, x0.shape[0], x0.device
@@ -59,49 +61,6 @@ def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler
         scaler.step(optimizer)
         scaler.update()
     return loss.item()
-
-
-def make_ema(model, decay):
-    """EMA of the weights, theta_ema = d theta_ema + (1 - d) theta, with the decay warmed up as
-    d_n = min(decay, (1 + n) / (10 + n)): a fixed 0.999 over a short CPU run would keep averaging
-    in the untrained start."""
-    def ema_avg(avg, new, n):
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        return d * avg + (1 - d) * new
-    return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
-
-
-def lr_schedule(optimizer, warmup, total):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` steps."""
-    warmup = max(1, min(warmup, total - 1))
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))],
-        milestones=[warmup])
-
-
-class StopOnCtrlC:
-    """First Ctrl-C asks the loop to stop after this step (and save); a second one quits at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)            # the next Ctrl-C raises
-        print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit at once)", flush=True)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-@dataclasses.dataclass
-class Progress:
-    """What a run has done so far; saved in checkpoints so a resumed run continues exactly."""
-    step: int = 0
-    losses: list = dataclasses.field(default_factory=list)
 
 
 def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=None, time_budget=None,
@@ -154,6 +113,51 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
     return reason
 
 
+# ----------------------------------------------------------------------------- beyond the blog: EMA, LR schedule, Ctrl-C, figures
+
+def make_ema(model, decay):
+    """EMA of the weights, theta_ema = d theta_ema + (1 - d) theta, with the decay warmed up as
+    d_n = min(decay, (1 + n) / (10 + n)): a fixed 0.999 over a short CPU run would keep averaging
+    in the untrained start."""
+    def ema_avg(avg, new, n):
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        return d * avg + (1 - d) * new
+    return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+
+
+def lr_schedule(optimizer, warmup, total):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` steps."""
+    warmup = max(1, min(warmup, total - 1))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))],
+        milestones=[warmup])
+
+
+class StopOnCtrlC:
+    """First Ctrl-C asks the loop to stop after this step (and save); a second one quits at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)            # the next Ctrl-C raises
+        print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit at once)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a run has done so far; saved in checkpoints so a resumed run continues exactly."""
+    step: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+
+
 def finish_run(reason, model, sched, losses, out_dir, prefix, seed, is_main=True):
     """After fit(): exit with 130 if Ctrl-C stopped the run, else save a sample grid and the loss curve
     (under torchrun only rank 0 does, is_main)."""
@@ -161,10 +165,12 @@ def finish_run(reason, model, sched, losses, out_dir, prefix, seed, is_main=True
         raise SystemExit(130)                                  # the shell's code for "stopped by Ctrl-C"
     if not is_main:
         return
-    from denoise import save_loss_curve, save_sample_grid
     model.eval()
     grid, curve = os.path.join(out_dir, f"{prefix}_samples.png"), os.path.join(out_dir, f"{prefix}_loss.png")
-    save_sample_grid(model, sched, grid, seed=seed)
+    labels = torch.arange(model.cfg.num_labels).repeat_interleave(8)              # 8 of every label, SampleConfig's sampler
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    x, _ = backward_denoise(model, sched, labels, generator=g)
+    save_grid(to_uint8(x).cpu(), grid, nrow=8, row_names=[str(k) for k in range(model.cfg.num_labels)])
     save_loss_curve(losses, curve)
     print(f"saved {grid} and {curve}")
 
@@ -235,26 +241,6 @@ def checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg):
             **training_state(optimizer, scheduler, batches, progress, tcfg)}
 
 
-def load_model(path, weights="ema", device="cpu"):
-    """Rebuild a UNet from a checkpoint's own config and load its EMA (default) or raw weights."""
-    ckpt = load_file(path, "model")
-    model = UNet(config_from_dict(ModelConfig, ckpt["model_config"]))
-    state = ckpt["model"]
-    if weights == "ema":  # AveragedModel's state: "module."-prefixed weights plus its n_averaged counter
-        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    load_weights(model, state, path)
-    return model.to(device).eval(), ckpt
-
-
-def load_weights(model, state, path):
-    """model.load_state_dict(state), with a one-line error when the file's weights do not fit."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit the model its config describes: "
-                        f"{str(e).splitlines()[1].strip()}") from None
-
-
 # ----------------------------------------------------------------------------- the script
 
 def parse_args():
@@ -278,13 +264,8 @@ def parse_args():
     return parser.parse_args()
 
 
-def check_train_config(tcfg, args):
-    for name in ("batch_size", "max_steps", "lora_rank"):
-        if getattr(tcfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(tcfg, name)}")
-    for name in ("lr", "lora_alpha"):
-        if getattr(tcfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(tcfg, name)}")
+def check_train_config(tcfg, args, positive):
+    check_positive(tcfg, positive)              # (--batch-size is checked by Batches)
     if tcfg.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be >= 0, got {tcfg.warmup_steps}")
     if not 0 <= tcfg.p_uncond < 1 or not 0 <= tcfg.ema_decay < 1:
@@ -294,7 +275,7 @@ def check_train_config(tcfg, args):
         raise UserError(f"--time-budget must be positive, got {args.time_budget}")
 
 
-def resolve_train_config(args, defaults, n_images, saved=None, world=1):
+def resolve_train_config(args, defaults, n_images, saved=None, world=1, positive=("max_steps", "lr")):
     """The run's TrainConfig: the defaults, or a resumed run's own settings, plus the user's flags.
     --epochs N becomes max_steps = N batches-per-epoch (batches of world * batch_size images under torchrun)."""
     tcfg = apply_config_flags(saved or defaults, args)
@@ -303,7 +284,7 @@ def resolve_train_config(args, defaults, n_images, saved=None, world=1):
             raise UserError(f"--epochs must be positive, got {args.epochs}")
         global_batch = max(1, min(tcfg.batch_size * world, n_images))
         tcfg = dataclasses.replace(tcfg, max_steps=args.epochs * (n_images // global_batch))
-    check_train_config(tcfg, args)
+    check_train_config(tcfg, args, positive)
     if saved is not None:
         check_resume(saved, tcfg)
     return tcfg
@@ -319,7 +300,9 @@ def main():
     mcfg = config_from_dict(ModelConfig, ckpt["model_config"]) if ckpt else apply_config_flags(ModelConfig(), args)
     check_model_config(mcfg)                       # before the (slow) data loading
     images, labels = load_images(args.data, args.data_root, mcfg.image_size, mcfg.num_labels)
-    saved = config_from_dict(TrainConfig, ckpt["train_config"]) if ckpt else None
+    saved = None
+    if ckpt:     # (checkpoints saved before the LoRA settings moved to FinetuneConfig also hold lora_* keys)
+        saved = config_from_dict(TrainConfig, {k: v for k, v in ckpt["train_config"].items() if not k.startswith("lora_")})
     tcfg = resolve_train_config(args, TrainConfig(), len(images), saved, world)
 
     torch.manual_seed(tcfg.seed)                              # the same in every process: the same weights

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ModelConfig, UserError
+from config import ModelConfig, UserError, config_from_dict, load_file
 
 
 def sinusoidal_embedding(t, dim):
@@ -29,7 +29,7 @@ def sinusoidal_embedding(t, dim):
 class LabelContext(nn.Module):
     """label (B,) -> context (B, tokens, context_dim), the 'text' the image attends to.
 
-    Departs from the tutorial, which used ONE token: softmax over one key is always 1, so Wq and Wk
+    Departs from the blog's listing, which uses ONE token: softmax over one key is always 1, so Wq and Wk
     got exactly zero gradient (and LoRA on them did nothing). Each label owns `tokens` learned vectors,
     so attention has something to choose between. Index num_labels is a learned "no label" token
     sequence, used to train and sample with classifier-free guidance."""
@@ -49,7 +49,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim, context_dim, heads):
         super().__init__()
         self.heads = heads
-        self.Wq = nn.Linear(dim, dim, bias=False)          # the tutorial's names: LoRA targets these
+        self.Wq = nn.Linear(dim, dim, bias=False)          # the blog's names: LoRA targets these
         self.Wk = nn.Linear(context_dim, dim, bias=False)
         self.Wv = nn.Linear(context_dim, dim, bias=False)
         self.Wo = nn.Linear(dim, dim)                      # output projection back to the residual
@@ -84,7 +84,7 @@ class TransformerBlock(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """The tutorial's ConvBlock, as a residual block: two 3x3 convs with the time embedding added in
+    """The blog's ConvBlock, as a residual block: two 3x3 convs with the time embedding added in
     between, then the Transformer block that brings in the label (the Stable Diffusion change of blog part 9)."""
 
     def __init__(self, cin, cout, cfg):
@@ -104,23 +104,6 @@ class ConvBlock(nn.Module):
         return self.transformer(self.skip(x) + h, ctx)
 
 
-def check_model_config(cfg):
-    """Settings that cannot build a working UNet are refused with a clear message."""
-    if cfg.patch < 1 or not cfg.widths:
-        raise UserError(f"need patch >= 1 and at least one width (got patch {cfg.patch}, widths {cfg.widths})")
-    size = cfg.image_size // cfg.patch                            # resolution of the first level
-    if cfg.image_size % cfg.patch or size % 2 ** (len(cfg.widths) - 1):
-        raise UserError(f"image_size {cfg.image_size} / patch {cfg.patch} must halve evenly "
-                        f"{len(cfg.widths) - 1} times for widths {cfg.widths}")
-    bad = [w for w in cfg.widths if w < 1 or w % cfg.heads]
-    if cfg.heads < 1 or bad:
-        raise UserError(f"every width must be a positive multiple of heads={cfg.heads} (got {cfg.widths})")
-    if cfg.context_tokens < 1 or cfg.context_dim < 1 or cfg.time_dim < 2 or cfg.time_dim % 2:
-        raise UserError("context_tokens, context_dim must be positive and time_dim even")
-    if not 0 < cfg.beta_start < cfg.beta_end < 1 or cfg.T < 1:
-        raise UserError(f"need 0 < beta_start < beta_end < 1 and T >= 1 (got {cfg.beta_start}, {cfg.beta_end}, {cfg.T})")
-
-
 class UNet(nn.Module):
     """With the default widths (32, 64):
 
@@ -131,7 +114,7 @@ class UNet(nn.Module):
         head (4,14,14) -> shuffle -> eps (1,28,28)
 
     Every down, mid and up block is a ConvBlock with its Transformer block (cross-attention to the
-    label). The tutorial's UNet worked on 48x48 pixels directly; folding 2x2 pixels into channels
+    label). The blog's UNet works on 48x48 pixels directly; folding 2x2 pixels into channels
     (PixelUnshuffle, a lossless 'latent') makes every layer 4x cheaper at the same width.
     """
 
@@ -168,8 +151,47 @@ class UNet(nn.Module):
         return self.head(h)                                                  # (B, 1, 28, 28)
 
 
+# ----------------------------------------------------------------------------- beyond the blog: checks, loading, demo
+
+def check_model_config(cfg):
+    """Settings that cannot build a working UNet are refused with a clear message."""
+    if cfg.patch < 1 or not cfg.widths:
+        raise UserError(f"need patch >= 1 and at least one width (got patch {cfg.patch}, widths {cfg.widths})")
+    size = cfg.image_size // cfg.patch                            # resolution of the first level
+    if cfg.image_size % cfg.patch or size % 2 ** (len(cfg.widths) - 1):
+        raise UserError(f"image_size {cfg.image_size} / patch {cfg.patch} must halve evenly "
+                        f"{len(cfg.widths) - 1} times for widths {cfg.widths}")
+    bad = [w for w in cfg.widths if w < 1 or w % cfg.heads]
+    if cfg.heads < 1 or bad:
+        raise UserError(f"every width must be a positive multiple of heads={cfg.heads} (got {cfg.widths})")
+    if cfg.context_tokens < 1 or cfg.context_dim < 1 or cfg.time_dim < 2 or cfg.time_dim % 2:
+        raise UserError("context_tokens, context_dim must be positive and time_dim even")
+    if not 0 < cfg.beta_start < cfg.beta_end < 1 or cfg.T < 1:
+        raise UserError(f"need 0 < beta_start < beta_end < 1 and T >= 1 (got {cfg.beta_start}, {cfg.beta_end}, {cfg.T})")
+
+
 def count_parameters(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_model(path, weights="ema", device="cpu"):
+    """Rebuild a UNet from a checkpoint's own config and load its EMA (default) or raw weights."""
+    ckpt = load_file(path, "model")
+    model = UNet(config_from_dict(ModelConfig, ckpt["model_config"]))
+    state = ckpt["model"]
+    if weights == "ema":  # AveragedModel's state: "module."-prefixed weights plus its n_averaged counter
+        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    load_weights(model, state, path)
+    return model.to(device).eval(), ckpt
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state), with a one-line error when the file's weights do not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit the model its config describes: "
+                        f"{str(e).splitlines()[1].strip()}") from None
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ import torch  # noqa: E402
 
 from bench.evaluate import DataError, UsageError, load_classifier, score  # noqa: E402
 from config import UserError, pick_device, run_main  # noqa: E402
-from diffusion import Schedule, backward_denoise, to_uint8  # noqa: E402
-from train import load_model  # noqa: E402
+from diffusion import Schedule, backward_denoise  # noqa: E402
+from figures import to_uint8  # noqa: E402
+from unet import load_model  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

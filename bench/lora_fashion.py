@@ -125,7 +125,7 @@ def markdown(rows, base_bytes, args):
 def save_figures(rows, samples, lora_files, args, work):
     """lora_fashion.png: the first 6 samples of each label for every run (same seed); lora_compare.png:
     denoise.py --compare with the most accurate LoRA run."""
-    from denoise import save_side_by_side
+    from figures import save_side_by_side
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     panels = {}

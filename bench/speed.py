@@ -42,8 +42,8 @@ import torch  # noqa: E402
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save, autocast_dtype, run_main  # noqa: E402
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise  # noqa: E402
-from train import Progress, checkpoint_dict, load_model, lr_schedule, make_ema, train_step  # noqa: E402
-from unet import UNet, check_model_config, count_parameters  # noqa: E402
+from train import Progress, checkpoint_dict, lr_schedule, make_ema, train_step  # noqa: E402
+from unet import UNet, check_model_config, count_parameters, load_model  # noqa: E402
 
 # The tutorial's UNet shape, built with our blocks: 48x48 pixels directly, five levels, one token.
 TUTORIAL = ModelConfig(image_size=48, patch=1, widths=(64, 128, 256, 512, 1024), context_tokens=1)

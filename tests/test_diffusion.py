@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from config import ModelConfig, UserError
-from diffusion import (Schedule, backward_denoise, ddim_step, ddpm_step, forward_diffusion,
-                       timesteps, to_uint8)
+from diffusion import Schedule, backward_denoise, ddim_step, ddpm_step, forward_diffusion, timesteps
+from figures import to_uint8
 
 
 def alpha_bar(T, t, beta_start=1e-4, beta_end=0.02):

@@ -4,7 +4,7 @@ import torch
 from conftest import (INTERRUPT_AFTER, LORA_RANK, check_ok, check_user_error, run_python, run_script,
                       sha256)
 from lora import LoraLayer, apply_lora_file, fingerprint
-from train import load_model
+from unet import load_model
 
 
 def tensors_in(obj, path=""):

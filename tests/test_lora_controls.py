@@ -10,7 +10,7 @@ from config import UserError
 from conftest import check_ok, run_script, tiny_batch
 from lora import (LoraConv2d, LoraLayer, apply_lora_file, apply_lora_files, fingerprint, inject_lora,
                   lora_file_dict, lora_layers, lora_state_dict, merge_lora, set_lora_scale, unmerge_lora)
-from train import load_model
+from unet import load_model
 
 ALL = ("Wq", "Wk", "Wv", "Wo", "ff", "conv")
 
@@ -265,12 +265,12 @@ def test_default_lora_meets_the_size_targets(tmp_path):
     """Issue 4's targets on the DEFAULT model (not the tests' tiny one), with the default targets and rank:
     LoRA trains <= 3% of the base parameters, and the finished adapter file (as lora_finetune.py writes it)
     is <= 5% of a train.py checkpoint of the base (model, EMA and optimizer state, as train.py saves it)."""
-    from config import ModelConfig, TrainConfig, atomic_save
+    from config import FinetuneConfig, ModelConfig, atomic_save
     from dataset import Batches
     from train import Progress, checkpoint_dict, lr_schedule, make_ema
     from unet import UNet, count_parameters
     torch.manual_seed(0)
-    tcfg, model = TrainConfig(), UNet(ModelConfig())
+    tcfg, model = FinetuneConfig(), UNet(ModelConfig())
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
     model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), torch.tensor([3, 4])).square().mean().backward()
     optimizer.step()                                        # AdamW's moments exist, as in a real checkpoint

@@ -4,7 +4,7 @@ import torch
 
 from config import UserError
 from conftest import INTERRUPT_AFTER, TRAIN_FLAGS, TRAIN_STEPS, check_ok, run_python, run_script, tiny_config
-from train import load_model
+from unet import load_model
 
 
 def load(path):

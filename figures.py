@@ -1,0 +1,97 @@
+"""Writing pictures, for every script's demo: image grids, the denoising figure and GIF, the loss curve.
+
+Not a part of the blog series: its scripts draw with plt.show(); ours write PNG and GIF files (atomically),
+so they run without a screen. This file imports only config.py, so every core file may use it.
+"""
+import matplotlib
+import torch
+import torchvision
+from PIL import Image
+
+from config import atomic_write
+
+matplotlib.use("Agg")                                    # files only, no window
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+def to_uint8(x):
+    """Model range [-1, 1] -> pixels 0..255 (uint8), white digit on black."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure as PNG, atomically."""
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def save_grid(images, path, nrow, row_names=None):
+    """uint8 images (N,1,H,W) -> one PNG, nrow images per row."""
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=64)   # (3, H', W')
+    rows = (len(images) + nrow - 1) // nrow
+    fig = plt.figure(figsize=(nrow * 0.45 + 0.6, rows * 0.45 + 0.2))
+    plt.imshow(grid[0], cmap="gray", vmin=0, vmax=255)
+    if row_names is not None:
+        step = grid.shape[1] / rows
+        plt.yticks([step * (i + 0.5) for i in range(rows)], row_names, fontsize=8)
+        plt.xticks([])
+    else:
+        plt.axis("off")
+    save_figure(fig, path)
+
+
+def save_side_by_side(panels, path, nrow):
+    """{title: uint8 images (N,1,H,W)} -> one PNG with the panels' grids next to each other."""
+    grids = [torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=64)[0] for images in panels.values()]
+    height, width = grids[0].shape
+    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * (width / 60 + 0.2), height / 60 + 0.5), squeeze=False)
+    for ax, title, grid in zip(axes[0], panels, grids):
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    save_figure(fig, path)
+
+
+def save_process_figure(columns, labels, path, column_names):
+    """The blog's denoising figure: one row per sample, columns = images in [-1, 1] along the steps."""
+    n, k = len(labels), len(columns)
+    fig, axes = plt.subplots(n, k, figsize=(k * 0.8, n * 0.8), squeeze=False)
+    for j, images in enumerate(columns):
+        for i in range(n):
+            axes[i, j].imshow(to_uint8(images[i, 0]), cmap="gray", vmin=0, vmax=255)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(column_names[j], fontsize=7)
+            if j == 0:
+                axes[i, j].set_ylabel(str(int(labels[i])), fontsize=8, rotation=0, labelpad=8)
+    save_figure(fig, path)
+
+
+def save_animation(frames, path, scale=4):
+    """Frames of images in [-1, 1] (each (n,1,H,W)) -> an animated GIF, one image per sample in a row;
+    the last frame is held longer so the result can be seen."""
+    pictures = []
+    for imgs in frames:
+        grid = torchvision.utils.make_grid(to_uint8(imgs), nrow=len(imgs), padding=1)[0]   # (H', W')
+        pictures.append(Image.fromarray(grid.numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                                             Image.NEAREST))
+    atomic_write(path, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, duration=80, loop=0,
+                                                    append_images=pictures[1:] + [pictures[-1]] * 10))
+
+
+def save_loss_curve(losses, path):
+    """The per-step loss and its running mean, on a log scale."""
+    losses = torch.tensor(losses)
+    k = max(1, len(losses) // 100)                                    # smooth over ~1% of the run
+    smooth = losses[: len(losses) // k * k].view(-1, k).mean(1)
+    fig = plt.figure(figsize=(6, 3.5))
+    plt.plot(range(len(losses)), losses, alpha=0.25, label="per step")
+    plt.plot([k * (i + 0.5) for i in range(len(smooth))], smooth, label=f"mean of {k} steps")
+    plt.yscale("log")
+    plt.xlabel("step")
+    plt.ylabel("MSE(eps, eps_theta)")
+    plt.legend()
+    save_figure(fig, path)
