@@ -22,7 +22,7 @@ import torch
 
 @dataclass
 class ModelConfig:
-    image_size: int = 28           # MNIST's native size; MNIST is padded/cropped to it, a folder's images are resized
+    image_size: int = 28           # MNIST's native size; for another, MNIST is padded/cropped, a folder's images resized
     in_channels: int = 1           # grayscale
     num_labels: int = 10           # digits 0..9; index num_labels is the learned "no label" token
     # DDPM noise schedule (Ho et al. 2020, section 4): beta_t rises linearly from beta_start to beta_end over T steps
@@ -189,7 +189,7 @@ def check_new_output(path, resume, overwrite):
 
 def atomic_write(path, write):
     """Call write(tmp) on a temporary file beside `path`, then rename it to `path`: a crash or a second
-    Ctrl-C while writing leaves the previous file as it was (the tutorial's .tmp-then-replace idea)."""
+    Ctrl-C while writing leaves the previous file as it was (the blog's listing writes a .tmp file and renames it too)."""
     check_output_path(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=os.path.splitext(path)[1])
@@ -210,7 +210,7 @@ def atomic_save(obj, path):
 
 def load_file(path, kind):
     """Load a checkpoint ("model") or LoRA ("lora") file saved by this project, with weights_only=True
-    (the tutorial pickled whole modules, which PyTorch >= 2.6 refuses to load by default)."""
+    (the blog's listing pickles whole modules, which PyTorch >= 2.6 refuses to load by default)."""
     if not os.path.isfile(path):
         raise UserError(f"{kind} file {path} not found")
     if os.path.getsize(path) == 0:
@@ -235,12 +235,9 @@ def add_config_flags(parser, cfg, only=None, aliases=None):
             continue
         default = getattr(cfg, f.name)
         flag = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if aliases and f.name in aliases else [])
-        if isinstance(default, tuple):
-            parser.add_argument(*flag, type=str, default=None,
-                                help=f"comma-separated (default: {','.join(map(str, default))})%(default).0s")
-        else:
-            parser.add_argument(*flag, type=type(default), default=None,
-                                help=f"(default: {default})%(default).0s")
+        listed = isinstance(default, tuple)
+        shown = f"comma-separated (default: {','.join(map(str, default))})" if listed else f"(default: {default})"
+        parser.add_argument(*flag, type=str if listed else type(default), default=None, help=shown + "%(default).0s")
 
 
 def apply_config_flags(cfg, args):

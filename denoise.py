@@ -17,7 +17,7 @@ from PIL import Image
 
 from config import SampleConfig, UserError, atomic_save, autocast_dtype, check_output_path, make_folder, pick_device, run_main
 from diffusion import Schedule, backward_denoise
-from figures import save_animation, save_grid, save_process_figure, save_side_by_side, to_uint8
+from figures import save_animation, save_grid, save_process_figure, to_uint8
 from lora import apply_lora_files, merge_lora, set_lora_scale
 from unet import load_model
 
@@ -64,7 +64,7 @@ def main():
         print(f"saved {len(images)} samples to {args.save_samples}")
     if args.compare:
         compare = os.path.join(args.out_dir, "compare.png")
-        save_side_by_side(compare_base_lora_merged(model, sched, x, labels, args, device, dtype), compare, nrow=nrow)
+        save_grid(compare_base_lora_merged(model, sched, x, labels, args, device, dtype), compare, nrow=nrow)
         print(f"saved {compare}")
     if args.show:
         for path in (process, grid):
@@ -163,7 +163,7 @@ def parse_args():
     parser.add_argument("--out-dir", default="outputs", help="folder for the PNG files")
     parser.add_argument("--save-samples", default=None, metavar="FILE.pt",
                         help="also save {'images': uint8 (N,1,H,W), 'labels': int64 (N,)}")
-    parser.add_argument("--show", action="store_true", help="also open the figures in a window")
+    parser.add_argument("--show", action="store_true", help="also open the figures in the image viewer")
     parser.add_argument("--precision", default="auto",
                         help="auto (bf16 autocast where the hardware has it, else fp32), fp32, bf16 or fp16")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
@@ -185,7 +185,6 @@ def parse_args():
     if args.save_samples:
         check_output_path(args.save_samples)
     return args
-
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 
 from config import ModelConfig, SampleConfig, UserError, check_output_path, run_main
 from dataset import load_images, to_model_range
-from figures import plt, save_figure
+from figures import save_process_figure
 
 
 class Schedule:
@@ -146,13 +146,8 @@ def main():
     x0 = to_model_range(images[args.index:args.index + 1]).repeat(len(ts), 1, 1, 1)
     torch.manual_seed(args.seed)
     x_t, _ = forward_diffusion(sched, x0, torch.tensor(ts))
-    fig, axes = plt.subplots(1, len(ts), figsize=(1.6 * len(ts), 2))
-    for ax, img, t in zip(axes, x_t, ts):
-        ax.imshow(img[0], cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(f"t={t}\nabar={sched.alpha_bars[t]:.3f}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"forward diffusion of a '{int(labels[args.index])}'")
-    save_figure(fig, args.out)
+    names = [f"t={t}\nabar={sched.alpha_bars[t]:.3f}" for t in ts]
+    save_process_figure([x.unsqueeze(0) for x in x_t], labels[args.index:args.index + 1], args.out, names)
     print(f"saved {args.out}")
 
 

@@ -28,29 +28,20 @@ def save_figure(fig, path):
 
 
 def save_grid(images, path, nrow, row_names=None):
-    """uint8 images (N,1,H,W) -> one PNG, nrow images per row."""
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=64)   # (3, H', W')
-    rows = (len(images) + nrow - 1) // nrow
-    fig = plt.figure(figsize=(nrow * 0.45 + 0.6, rows * 0.45 + 0.2))
-    plt.imshow(grid[0], cmap="gray", vmin=0, vmax=255)
-    if row_names is not None:
-        step = grid.shape[1] / rows
-        plt.yticks([step * (i + 0.5) for i in range(rows)], row_names, fontsize=8)
-        plt.xticks([])
-    else:
-        plt.axis("off")
-    save_figure(fig, path)
-
-
-def save_side_by_side(panels, path, nrow):
-    """{title: uint8 images (N,1,H,W)} -> one PNG with the panels' grids next to each other."""
-    grids = [torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=64)[0] for images in panels.values()]
-    height, width = grids[0].shape
-    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * (width / 60 + 0.2), height / 60 + 0.5), squeeze=False)
+    """uint8 images (N,1,H,W) -> one PNG, nrow images per row; {title: images} -> the panels side by side."""
+    panels = images if isinstance(images, dict) else {"": images}
+    grids = [torchvision.utils.make_grid(x, nrow=nrow, padding=2, pad_value=64)[0] for x in panels.values()]
+    rows = (len(next(iter(panels.values()))) + nrow - 1) // nrow
+    fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * (nrow * 0.45 + 0.6), rows * 0.45 + 0.2
+                                                     + 0.3 * any(panels)), squeeze=False)
     for ax, title, grid in zip(axes[0], panels, grids):
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=9)
-        ax.axis("off")
+        if row_names is None:
+            ax.axis("off")
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([grid.shape[0] / rows * (i + 0.5) for i in range(rows)], row_names, fontsize=8)
     save_figure(fig, path)
 
 

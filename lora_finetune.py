@@ -1,22 +1,13 @@
 """Fine-tune a trained model with LoRA: only the low-rank A, B matrices train (blog part 11).
 
     python lora_finetune.py --data ../shared/data/mnist-t10k     # reads model.pt, writes lora.pt
-    python lora_finetune.py --resume                              # continue from lora.pt
-    torchrun --standalone --nproc_per_node=8 lora_finetune.py ... # 8 GPUs (see train.py)
-    python denoise.py --lora lora.pt                              # sample with the adapter
     python lora_finetune.py --lora-targets Wq,Wk,Wv,Wo,ff,conv     # adapt more than the attention
     python lora_finetune.py --full --out full.pt                  # for comparison: train ALL weights
 
-The base checkpoint is only read, never written. The LoRA file holds the LoRA tensors, the rank,
-alpha and target layers, and a fingerprint of the base weights, so it is refused on another base.
-While a run is unfinished (Ctrl-C, --time-budget, the save at each epoch's end) the file also keeps
-the optimizer and data position, so that --resume continues exactly; the file of a finished run
-holds the LoRA tensors only.
-
---full fine-tunes every base parameter instead (same data, steps, seed and training loop) and
-writes an ordinary model checkpoint, as train.py does (with its EMA, which denoise.py uses by default).
+The base checkpoint is only read, never written. The LoRA file holds the LoRA tensors, the rank, alpha and
+target layers, and a fingerprint of the base weights (so it is refused on another base); while a run is
+unfinished, also the optimizer and data position for --resume. --full writes a model checkpoint as train.py does.
 """
-import argparse
 import dataclasses
 import os
 import time
@@ -30,7 +21,7 @@ from diffusion import Schedule
 from lora import (check_base_fingerprint, check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   mark_only_lora_trainable)
 from train import (Progress, checkpoint_dict, end_distributed, finish_run, fit, lr_schedule, make_ema,
-                   resolve_train_config, restore_training_state, setup_distributed, training_state)
+                   resolve_train_config, restore_training_state, run_parser, setup_distributed, training_state)
 from unet import count_parameters, load_model
 
 
@@ -113,23 +104,12 @@ def main():
 # ----------------------------------------------------------------------------- beyond the blog: the command line
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = run_parser(__doc__.split("\n")[0], None, "LoRA file (written atomically); default lora.pt, or full.pt with --full")
     parser.add_argument("--base", default="model.pt", help="base checkpoint written by train.py (read only)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which base weights to adapt")
-    parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
-    parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
-    parser.add_argument("--out", default=None, help="LoRA file (written atomically); default lora.pt, "
-                        "or full.pt with --full")
     parser.add_argument("--full", action="store_true",
                         help=f"fine-tune ALL base parameters instead of LoRA (--lora-* ignored, --lr default "
                         f"{FinetuneConfig.full_lr:g}) and write a model checkpoint like train.py's, for comparison")
-    parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
-    parser.add_argument("--resume", action="store_true", help="continue from --out")
-    parser.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (overrides --max-steps)")
-    parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
-    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     group = parser.add_argument_group("fine-tuning")
     add_config_flags(group, FinetuneConfig(),
                      only=("batch_size", "lr", "warmup_steps", "max_steps", "p_uncond", "seed", "precision",

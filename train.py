@@ -35,8 +35,8 @@ from unet import UNet, check_model_config, count_parameters, load_weights
 
 def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None, shard=(0, 1)):
     """One optimizer step of DDPM's simplified loss (Ho et al. 2020, Algorithm 1, eq. 14); returns the loss
-    as a float. x0 (B,C,H,W) in [-1, 1], labels (B,). With dtype (bf16 or
-    fp16) the forward pass runs under torch.autocast; fp16 also needs a GradScaler against underflow.
+    as a float. x0 (B,C,H,W) in [-1, 1], labels (B,). With dtype (bf16 or fp16) the forward pass runs
+    under torch.autocast; fp16 also needs a GradScaler against underflow.
     shard=(rank, world): under torchrun, x0 is this process's slice of the global batch (see fit)."""
     (rank, world), B, device = shard, x0.shape[0], x0.device
     # The random numbers are drawn for the GLOBAL batch (every process's generator is in the same state)
@@ -98,11 +98,8 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
             progress.losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", epoch=batches.epoch, lr=f"{scheduler.get_last_lr()[0]:.1e}")
-            if interrupted:
-                reason = "interrupted"
-                break
-            if over_time:
-                reason = "time budget"
+            if interrupted or over_time:
+                reason = "interrupted" if interrupted else "time budget"
                 break
             if batches.epoch != epoch:                                      # an epoch ended: save
                 epoch = batches.epoch
@@ -113,7 +110,8 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
     return reason
 
 
-# ----------------------------------------------------------------------------- beyond the blog: EMA, LR schedule, Ctrl-C, figures
+# ----------------------------------------------------------------------------- beyond the blog: EMA, LR schedule,
+# Ctrl-C, the end-of-run figures, several processes (torchrun), checkpoints, the command line
 
 def make_ema(model, decay):
     """EMA of the weights, theta_ema = d theta_ema + (1 - d) theta, with the decay warmed up as
@@ -175,7 +173,7 @@ def finish_run(reason, model, sched, losses, out_dir, prefix, seed, is_main=True
     print(f"saved {grid} and {curve}")
 
 
-# ----------------------------------------------------------------------------- several processes (torchrun)
+# Several processes (torchrun).
 # `torchrun --nproc_per_node=N train.py ...` starts N copies of this script (one per GPU) and gives each its
 # RANK (0..N-1), the WORLD_SIZE N and its LOCAL_RANK (its GPU on this machine) in environment variables.
 # Plain `python train.py` sets none of them: one process, rank 0 of 1, and the code below does nothing.
@@ -210,8 +208,6 @@ def end_distributed(world):
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
 def training_state(optimizer, scheduler, batches, progress, tcfg):
     """The part of a checkpoint that lets --resume continue exactly (lora_finetune.py saves it too)."""
     return {"train_config": dataclasses.asdict(tcfg), "optimizer": optimizer.state_dict(),
@@ -241,38 +237,27 @@ def checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg):
             **training_state(optimizer, scheduler, batches, progress, tcfg)}
 
 
-# ----------------------------------------------------------------------------- the script
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def run_parser(description, out, out_help):
+    """The command line train.py and lora_finetune.py share; each adds its own settings to it."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
     parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
-    parser.add_argument("--out", default="model.pt", help="checkpoint file (written atomically)")
+    parser.add_argument("--out", default=out, help=out_help)
     parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
     parser.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="train this many passes over the data (overrides --max-steps)")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (overrides --max-steps)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
-    group = parser.add_argument_group("model (ignored with --resume: the checkpoint's own config is used)")
-    add_config_flags(group, ModelConfig())
-    group = parser.add_argument_group("training")
-    add_config_flags(group, TrainConfig(), only=("batch_size", "lr", "warmup_steps", "max_steps",
-                                                 "p_uncond", "ema_decay", "seed", "precision"))
+    return parser
+
+
+def parse_args():
+    parser = run_parser(__doc__.split("\n")[0], "model.pt", "checkpoint file (written atomically)")
+    add_config_flags(parser.add_argument_group("model (ignored with --resume: the checkpoint's own config is used)"),
+                     ModelConfig())
+    add_config_flags(parser.add_argument_group("training"), TrainConfig())
     return parser.parse_args()
-
-
-def check_train_config(tcfg, args, positive):
-    check_positive(tcfg, positive)              # (--batch-size is checked by Batches)
-    if tcfg.warmup_steps < 0:
-        raise UserError(f"--warmup-steps must be >= 0, got {tcfg.warmup_steps}")
-    if not 0 <= tcfg.p_uncond < 1 or not 0 <= tcfg.ema_decay < 1:
-        raise UserError(f"--p-uncond and --ema-decay must be in [0, 1), got {tcfg.p_uncond}, {tcfg.ema_decay}")
-    autocast_dtype(tcfg.precision, torch.device("cpu"))          # refuses an unknown --precision
-    if args.time_budget is not None and args.time_budget <= 0:
-        raise UserError(f"--time-budget must be positive, got {args.time_budget}")
 
 
 def resolve_train_config(args, defaults, n_images, saved=None, world=1, positive=("max_steps", "lr")):
@@ -284,7 +269,14 @@ def resolve_train_config(args, defaults, n_images, saved=None, world=1, positive
             raise UserError(f"--epochs must be positive, got {args.epochs}")
         global_batch = max(1, min(tcfg.batch_size * world, n_images))
         tcfg = dataclasses.replace(tcfg, max_steps=args.epochs * (n_images // global_batch))
-    check_train_config(tcfg, args, positive)
+    check_positive(tcfg, positive)              # (--batch-size is checked by Batches)
+    if tcfg.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be >= 0, got {tcfg.warmup_steps}")
+    if not 0 <= tcfg.p_uncond < 1 or not 0 <= tcfg.ema_decay < 1:
+        raise UserError(f"--p-uncond and --ema-decay must be in [0, 1), got {tcfg.p_uncond}, {tcfg.ema_decay}")
+    autocast_dtype(tcfg.precision, torch.device("cpu"))          # refuses an unknown --precision
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UserError(f"--time-budget must be positive, got {args.time_budget}")
     if saved is not None:
         check_resume(saved, tcfg)
     return tcfg

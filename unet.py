@@ -201,10 +201,9 @@ if __name__ == "__main__":
     t = torch.tensor([0, cfg.T - 1])
     labels = torch.tensor([3, 7])
     print(f"input x_t {tuple(x.shape)}, t {tuple(t.shape)}, labels {tuple(labels.shape)}")
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: print(f"  {n:10s} -> {tuple(o.shape)}"))
-             for n, m in model.named_children() if n in ("stem", "mid", "head")]
-    hooks += [b.register_forward_hook(lambda m, i, o, n=f"{name}[{j}]": print(f"  {n:10s} -> {tuple(o.shape)}"))
-              for name in ("down", "up") for j, b in enumerate(getattr(model, name))]
+    for n, m in model.named_modules():
+        if n in ("stem", "mid", "head") or n.count(".") == 1 and n.startswith(("down.", "up.")):
+            m.register_forward_hook(lambda m, i, o, n=n: print(f"  {n:10s} -> {tuple(o.shape)}"))
     eps = model(x, t, labels)
     print(f"output eps {tuple(eps.shape)}")
     for name, part in [("time MLP", model.time_mlp), ("label context", model.context),

@@ -125,7 +125,7 @@ def markdown(rows, base_bytes, args):
 def save_figures(rows, samples, lora_files, args, work):
     """lora_fashion.png: the first 6 samples of each label for every run (same seed); lora_compare.png:
     denoise.py --compare with the most accurate LoRA run."""
-    from figures import save_side_by_side
+    from figures import save_grid
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     panels = {}
@@ -133,7 +133,7 @@ def save_figures(rows, samples, lora_files, args, work):
         s = torch.load(samples[r["name"]], weights_only=True)
         keep = torch.cat([torch.nonzero(s["labels"] == k)[:6, 0] for k in range(10)])
         panels[f"{r['name']}: {100 * r['accuracy']:.0f}%"] = s["images"][keep]
-    save_side_by_side(panels, str(figures / "lora_fashion.png"), nrow=6)
+    save_grid(panels, str(figures / "lora_fashion.png"), nrow=6)
     if lora_files:
         best = max((r for r in rows if r["name"] in lora_files), key=lambda r: r["accuracy"])["name"]
         path = lora_files[best]
