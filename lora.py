@@ -50,7 +50,7 @@ class LoraLayer(nn.Module):
     def forward(self, x):                  # x (.., in) -> (.., out)
         if self.merged or self.scale == 0:  # merged: base.weight already holds W + dW
             return self.base(x)
-        return self.base(x) + (x @ self.lora_a @ self.lora_b) * (self.alpha / self.r * self.scale)   # W x + x A B alpha/r
+        return self.base(x) + x @ self.lora_a @ self.lora_b * (self.alpha / self.r * self.scale)   # W x + (x A B) alpha/r
 
     @staticmethod
     def product(a, b):
@@ -304,9 +304,8 @@ def inspect(path, base_path=None, weights="ema"):
     """Print, per adapted layer in model order, ||dW||_F of its update dW = (A B)^T alpha / r (and
     relative to ||W||_F of the base layer with --base), then the totals."""
     f = load_file(path, "lora")
-    base = None
-    if base_path:
-        base, _ = load_model(base_path, weights)
+    base = load_model(base_path, weights)[0] if base_path else None
+    if base is not None:
         check_base_fingerprint(f, path, fingerprint(base), f"{base_path} ({weights} weights)")
     print(f"{path}: rank {f['rank']}, alpha {f['alpha']}, targets {','.join(f['targets'])}, "
           f"{len(f['layers'])} layers")

@@ -3,7 +3,6 @@
     python train.py --data ../shared/data/mnist-t10k        # how long it takes: README, "What you get"
     python train.py --resume                                 # continue an interrupted run
     torchrun --standalone --nproc_per_node=8 train.py ...    # 8 GPUs, 8 x --batch-size images per step
-    python train.py --help                                   # every setting
 
 Each step (Ho et al. 2020, Algorithm 1): pick x_0 and a random t, noise it in closed form, and teach the
 network to predict the noise: loss = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, label) ||^2.
@@ -101,10 +100,9 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
             if interrupted or over_time:
                 reason = "interrupted" if interrupted else "time budget"
                 break
-            if batches.epoch != epoch:                                      # an epoch ended: save
-                epoch = batches.epoch
-                if rank == 0:
-                    save()
+            if batches.epoch != epoch and rank == 0:                        # an epoch ended: save
+                save()
+            epoch = batches.epoch
         if rank == 0:
             save()
     return reason
