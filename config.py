@@ -110,18 +110,6 @@ def check_resume(saved, requested):
         raise UserError(f"--resume keeps the run's settings, but these differ: {', '.join(changed)}")
 
 
-def rng_state():
-    """The random generators' states (CPU, and CUDA if present), for exact resumes."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def autocast_dtype(precision, device):
     """The dtype for torch.autocast, or None for plain fp32. 'auto' picks bf16 where the hardware computes
     it natively (CUDA, AVX512-BF16 CPUs); elsewhere bf16 is emulated and slower, so auto stays fp32."""
@@ -261,6 +249,7 @@ def apply_config_flags(cfg, args):
 if __name__ == "__main__":
     for cfg in (ModelConfig(), TrainConfig(), FinetuneConfig(), SampleConfig()):
         print(type(cfg).__name__)
-        for k, v in dataclasses.asdict(cfg).items():
+        extra = {"full_lr (--full)": cfg.full_lr} if isinstance(cfg, FinetuneConfig) else {}
+        for k, v in (dataclasses.asdict(cfg) | extra).items():
             print(f"  {k:16s} {v}")
     print("device:", pick_device())

@@ -83,10 +83,10 @@ def sample_as_asked(model, sched, labels, args, device, dtype, keep=0):
 
 
 def process_columns(snapshots, n=SampleConfig.figure_columns):
-    """The snapshots the PNG figure shows: the pure noise, then n evenly spaced ones of the rest, always
-    ending on the finished image (whatever the sampler and step count)."""
-    picks = torch.linspace(1, len(snapshots) - 1, min(n, len(snapshots) - 1)).round().long().tolist()
-    return [snapshots[0]] + [snapshots[i] for i in picks]
+    """The snapshots the PNG figure shows: the pure noise and n evenly spaced ones after it, the last
+    being the finished image (whatever the sampler and step count)."""
+    picks = torch.linspace(0, len(snapshots) - 1, min(n, len(snapshots) - 1) + 1).round().long().tolist()
+    return [snapshots[i] for i in picks]
 
 
 def compare_base_lora_merged(model, sched, x_lora, labels, args, device, dtype):

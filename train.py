@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from config import (ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
                     atomic_save, autocast_dtype, check_new_output, check_positive, check_resume, config_from_dict,
-                    load_file, make_folder, pick_device, rng_state, run_main, set_rng_state)
+                    load_file, make_folder, pick_device, run_main)
 from dataset import Batches, load_images
 from diffusion import Schedule, backward_denoise, forward_diffusion
 from figures import save_grid, save_loss_curve, to_uint8
@@ -209,7 +209,9 @@ def end_distributed(world):
 def training_state(optimizer, scheduler, batches, progress, tcfg):
     """The part of a checkpoint that lets --resume continue exactly (lora_finetune.py saves it too)."""
     return {"train_config": dataclasses.asdict(tcfg), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "batches": batches.state_dict(), "rng": rng_state(),
+            "scheduler": scheduler.state_dict(), "batches": batches.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),            # the random generators, for exact resumes
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "step": progress.step, "epoch": batches.epoch, "losses": progress.losses,
             "world_size": batches.world}
 
@@ -222,10 +224,12 @@ def restore_training_state(state, optimizer, scheduler, batches):
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["batches"])
-    set_rng_state(state["rng"])
-    if world > 1 and state["rng"]["cuda"] and torch.cuda.is_available():   # torchrun: every GPU continues
-        # from rank 0's GPU's generator (all of them drew the same numbers), not from its own saved one
-        torch.cuda.set_rng_state(state["rng"]["cuda"][0])          # (the current device: this process's)
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        if world == 1:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        else:   # torchrun: every GPU continues from rank 0's GPU's generator (all of them drew the same numbers)
+            torch.cuda.set_rng_state(state["rng"]["cuda"][0])      # (the current device: this process's)
     return Progress(state["step"], state["losses"])
 
 

@@ -170,8 +170,8 @@ def check_model_config(cfg):
         raise UserError(f"need 0 < beta_start < beta_end < 1 and T >= 1 (got {cfg.beta_start}, {cfg.beta_end}, {cfg.T})")
 
 
-def count_parameters(model, trainable_only=False):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 def load_model(path, weights="ema", device="cpu"):
