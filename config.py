@@ -29,6 +29,9 @@ class ModelConfig:
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # What the network predicts. The blog's listing: the noise eps. Ours: v = sqrt(abar) eps - sqrt(1 - abar) x_0
+    # (Salimans & Ho 2022, section 4), which stays well scaled at both ends of the schedule (README, "Quality").
+    prediction: str = "v"          # "eps" restores the blog's choice
     # UNet. The blog's listing uses channels 64..1024 at 48x48. Ours first folds each 2x2 patch of pixels
     # into 4 channels (28x28x1 -> 14x14x4, a lossless stand-in for Stable Diffusion's autoencoder latent),
     # then works at 14x14 and 7x7 (README, "Speed and memory", for what that buys).
@@ -48,6 +51,7 @@ class TrainConfig:
     warmup_steps: int = 200        # linear LR warm-up, then cosine decay to 0 at max_steps
     max_steps: int = 3400          # training length in optimizer steps (independent of the data size)
     p_uncond: float = 0.1          # chance to drop the label (classifier-free guidance needs it)
+    min_snr_gamma: float = 5.0     # loss weight min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023); 0 = the blog's plain MSE
     ema_decay: float = 0.999       # EMA of the weights, warmed up as min(decay, (1+n)/(10+n))
     seed: int = 0
     precision: str = "auto"        # auto: bf16 autocast where the hardware has it natively, else fp32
@@ -69,9 +73,10 @@ class FinetuneConfig(TrainConfig):
 @dataclass
 class SampleConfig:
     """denoise.py's defaults, measured on the default model (README, "Each knob")."""
-    sampler: str = "ddim"
-    ddim_steps: int = 25
-    guidance: float = 1.5          # classifier-free guidance weight w (0 = off)
+    sampler: str = "ddim"          # ddpm (the blog's, all T steps), ddim or dpm++ (DPM-Solver++(2M))
+    steps: int = 25                # for ddim and dpm++
+    guidance: float = 1.25         # classifier-free guidance weight w (0 = off)
+    guidance_interval: tuple = (100, 600)   # guide only while lo <= t <= hi (Kynkaanniemi et al. 2024); 0,999 = always
     eta: float = 0.0               # DDIM's noise: 0 = deterministic, 1 = DDPM-like
     gif_frames: int = 40           # snapshots kept along the way for the GIF
     figure_columns: int = 10       # denoising steps shown in the PNG figure, after the pure noise
@@ -141,13 +146,17 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+BEFORE_QUALITY = {"prediction": "eps", "min_snr_gamma": 0.0}     # what files saved without these fields used
+
+
 def config_from_dict(cls, d):
-    """Rebuild a config dataclass from a checkpoint's dict; unknown keys mean a foreign file."""
+    """Rebuild a config dataclass from a checkpoint's dict; unknown keys mean a foreign file. A setting
+    the file lacks was made before it existed: the file was trained the blog's way (BEFORE_QUALITY)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise UserError(f"checkpoint has settings this code does not know: {', '.join(unknown)}")
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in {**BEFORE_QUALITY, **d}.items() if k in names}
     return cls(**d)
 
 

@@ -79,7 +79,7 @@ def sample_as_asked(model, sched, labels, args, device, dtype, keep=0):
     so every call starts from the same noise). Returns (images in [-1, 1], snapshots)."""
     g = torch.Generator(device=device).manual_seed(args.seed)
     return backward_denoise(model, sched, labels, args.sampler, args.steps, args.eta, args.guidance,
-                            generator=g, keep=keep, dtype=dtype)
+                            generator=g, keep=keep, dtype=dtype, guidance_interval=args.guidance_interval)
 
 
 def process_columns(snapshots, n=SampleConfig.figure_columns):
@@ -153,12 +153,15 @@ def parse_args():
                         "adapter, and with the adapter merged; save compare.png with the three side by side")
     parser.add_argument("--labels", default="0-9", help="labels to draw, e.g. 0-9 or 3,3,7")
     parser.add_argument("--per-label", type=int, default=1, help="samples per label")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=SampleConfig.sampler, help="DDPM (T steps) or DDIM")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=SampleConfig.sampler,
+                        help="ddpm (the blog's: all T steps), ddim, or dpm++ (DPM-Solver++(2M))")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"denoising steps (default: T for ddpm, {SampleConfig.ddim_steps} for ddim)")
+                        help=f"denoising steps (default: T for ddpm, {SampleConfig.steps} for ddim and dpm++)")
     parser.add_argument("--eta", type=float, default=SampleConfig.eta, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
     parser.add_argument("--guidance", type=float, default=SampleConfig.guidance,
                         help="classifier-free guidance weight w (0 = off)")
+    parser.add_argument("--guidance-interval", default=",".join(map(str, SampleConfig.guidance_interval)),
+                        metavar="LO,HI", help="guide only the steps with LO <= t <= HI (0,999: every step)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out-dir", default="outputs", help="folder for the PNG files")
     parser.add_argument("--save-samples", default=None, metavar="FILE.pt",
@@ -172,6 +175,13 @@ def parse_args():
         raise UserError(f"--per-label must be positive, got {args.per_label}")
     if args.guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    try:
+        lo, hi = (int(v) for v in args.guidance_interval.split(","))
+    except ValueError:
+        raise UserError(f"--guidance-interval {args.guidance_interval!r}: expected two timesteps LO,HI") from None
+    if not 0 <= lo <= hi:
+        raise UserError(f"--guidance-interval needs 0 <= LO <= HI, got {lo},{hi}")
+    args.guidance_interval = (lo, hi)
     if not 0 <= args.eta <= 1:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     if (args.merge or args.compare) and not args.lora:

@@ -1,7 +1,8 @@
 """The diffusion process: noising in closed form, and the reverse (denoising) steps (the series' diffusion.py).
 
 DDPM (Ho et al. 2020) with a linear beta schedule over T = 1000 steps; the network predicts the noise.
-DDIM (Song et al. 2021) reuses the same trained network with fewer, larger steps.
+Beyond the blog: DDIM (Song et al. 2021) and DPM-Solver++ (Lu et al. 2022) reuse the same trained network
+with fewer, larger steps; the network may predict v instead of eps; guidance can be limited to an interval.
 
     python diffusion.py --data ../shared/data/mnist-t10k    # saves outputs/forward_diffusion.png
 """
@@ -60,36 +61,44 @@ def ddpm_step(sched, x_t, t, eps, generator=None):
 
 @torch.no_grad()
 def backward_denoise(model, sched, labels, sampler=SampleConfig.sampler, steps=None, eta=SampleConfig.eta,
-                     guidance=SampleConfig.guidance, generator=None, keep=0, dtype=None):
+                     guidance=SampleConfig.guidance, generator=None, keep=0, dtype=None,
+                     guidance_interval=SampleConfig.guidance_interval):
     """Start from pure noise x_T ~ N(0, I) and denoise step by step (Algorithm 2 for sampler="ddpm").
-    steps: T for DDPM, SampleConfig.ddim_steps for DDIM unless given. Returns the clean images in [-1, 1]
+    steps: T for DDPM, SampleConfig.steps for DDIM and DPM-Solver++ unless given. Guidance applies only
+    while guidance_interval[0] <= t <= guidance_interval[1]. Returns the clean images in [-1, 1]
     and, if keep > 0, snapshots [(steps done, images), ...]: the pure noise, then up to `keep` evenly
     spaced points of the way, the last one being the result. (The blog's listing returns every step's
     image and samples with DDPM only, without guidance.)"""
     cfg = model.cfg
     device = next(model.parameters()).device
     if steps is None:                                # (not `steps or ...`: --steps 0 must be refused)
-        steps = sched.T if sampler == "ddpm" else min(SampleConfig.ddim_steps, sched.T)
+        steps = sched.T if sampler == "ddpm" else min(SampleConfig.steps, sched.T)
     if sampler == "ddpm" and steps != sched.T:
-        raise UserError(f"the DDPM sampler walks all T={sched.T} steps; use --sampler ddim for fewer")
+        raise UserError(f"the DDPM sampler walks all T={sched.T} steps; use --sampler ddim or dpm++ for fewer")
     ts = timesteps(sched.T, steps)
     shape = (len(labels), cfg.in_channels, cfg.image_size, cfg.image_size)
     x = torch.randn(shape, generator=generator, device=device)                # x_T (B,C,H,W)
     labels = labels.to(device)
     record = set(torch.linspace(0, len(ts) - 1, keep).round().long().tolist()) if keep else set()
     snapshots = [(0, x.cpu())] if keep else []
+    history = None                                   # DPM-Solver++'s memory of the previous step
     for i, t in enumerate(ts):
-        eps = predict_noise(model, x, t, labels, guidance, cfg.num_labels, dtype)
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        w = guidance if guidance_interval[0] <= t <= guidance_interval[1] else 0.0
+        eps = predict_noise(model, sched, x, t, labels, w, dtype)
         if sampler == "ddpm":
             x = ddpm_step(sched, x, t, eps, generator)
+        elif sampler == "ddim":
+            x = ddim_step(sched, x, t, t_prev, eps, eta, generator)
         else:
-            x = ddim_step(sched, x, t, ts[i + 1] if i + 1 < len(ts) else -1, eps, eta, generator)
+            x, history = dpm_solver_step(sched, x, t, t_prev, eps, history)
         if i in record:
             snapshots.append((i + 1, x.clamp(-1, 1).cpu()))
     return x.clamp(-1, 1), snapshots
 
 
-# ----------------------------------------------------------------------------- beyond the blog: DDIM, guidance, demo
+# ----------------------------------------------------------------------------- beyond the blog: DDIM, DPM-Solver++,
+# v-prediction, guidance, demo
 
 def ddim_step(sched, x_t, t, t_prev, eps, eta=SampleConfig.eta, generator=None):
     """One DDIM step x_t -> x_{t_prev}, t_prev < t (t_prev = -1 means 'clean image'); Song et al. 2021, eq. 12:
@@ -106,18 +115,45 @@ def ddim_step(sched, x_t, t, t_prev, eps, eta=SampleConfig.eta, generator=None):
     return x_prev
 
 
-def predict_noise(model, x_t, t, labels, guidance=SampleConfig.guidance, null_label=None, dtype=None):
+def dpm_solver_step(sched, x_t, t, t_prev, eps, history=None):
+    """One DPM-Solver++(2M) step x_t -> x_{t_prev} (Lu et al. 2022, Algorithm 2), with lambda = log(alpha / sigma),
+    alpha = sqrt(abar), sigma = sqrt(1 - abar), h = lambda_prev - lambda_t and x0^ as in DDIM:
+    D = x0^ (first step), else (1 + 1/2r) x0^ - 1/2r x0^_last with r = h_last / h;
+    x_prev = sigma_prev / sigma_t x_t - alpha_prev (e^-h - 1) D.   Returns (x_prev, history for the next step).
+    With D = x0^ this is exactly DDIM (eta 0); the second-order D is what buys the same quality in fewer steps."""
+    abar = sched.alpha_bars[t]
+    x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+    if t_prev < 0:
+        return x0, None                                          # the last step: the clean estimate itself
+    abar_prev = sched.alpha_bars[t_prev]
+    h = 0.5 * (torch.log(abar_prev / (1 - abar_prev)) - torch.log(abar / (1 - abar)))
+    d = x0
+    if history is not None:
+        x0_last, h_last = history
+        r = h_last / h
+        d = (1 + 1 / (2 * r)) * x0 - x0_last / (2 * r)
+    return ((1 - abar_prev) / (1 - abar)).sqrt() * x_t - abar_prev.sqrt() * torch.expm1(-h) * d, (x0, h)
+
+
+def predict_noise(model, sched, x_t, t, labels, guidance=SampleConfig.guidance, dtype=None):
     """eps(x_t, t, label). With classifier-free guidance (Ho & Salimans 2022, eq. 6), w = guidance:
-    eps = eps_uncond + (1 + w) (eps_cond - eps_uncond), both from ONE batched forward pass (2B images).
-    dtype (e.g. torch.bfloat16): run the network under torch.autocast; the sampler's own maths stays fp32."""
+    out = out_uncond + (1 + w) (out_cond - out_uncond), both from ONE batched forward pass (2B images).
+    A v-predicting network's v is turned into eps = sqrt(1 - abar) x_t + sqrt(abar) v (Salimans & Ho 2022,
+    appendix D; affine in v, so guiding v or eps is the same). dtype (e.g. torch.bfloat16): run the network
+    under torch.autocast; the sampler's own maths stays fp32."""
     tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     with torch.autocast(x_t.device.type, dtype=dtype, enabled=dtype is not None):
         if guidance == 0:
-            return model(x_t, tt, labels).float()
-        nulls = torch.full_like(labels, null_label)
-        eps = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([labels, nulls])).float()   # (2B,C,H,W)
-    eps_cond, eps_uncond = eps.chunk(2)
-    return eps_uncond + (1 + guidance) * (eps_cond - eps_uncond)
+            out = model(x_t, tt, labels).float()
+        else:
+            nulls = torch.full_like(labels, model.cfg.num_labels)                      # the "no label" token
+            both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([labels, nulls])).float()  # (2B,C,H,W)
+            out_cond, out_uncond = both.chunk(2)
+            out = out_uncond + (1 + guidance) * (out_cond - out_uncond)
+    if model.cfg.prediction == "eps":
+        return out
+    abar = sched.alpha_bars[t]
+    return (1 - abar).sqrt() * x_t + abar.sqrt() * out
 
 
 def timesteps(T, steps):

@@ -20,7 +20,7 @@ from dataset import Batches, load_images
 from diffusion import Schedule
 from lora import (check_base_fingerprint, check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   mark_only_lora_trainable)
-from train import (Progress, checkpoint_dict, end_distributed, finish_run, fit, lr_schedule, make_ema,
+from train import (EMA, Progress, adamw, checkpoint_dict, end_distributed, finish_run, fit, lr_schedule,
                    resolve_train_config, restore_training_state, run_parser, setup_distributed, training_state)
 from unet import count_parameters, load_model
 
@@ -47,7 +47,7 @@ def main():
     ema = None
     if args.full:          # every weight trains, and an EMA of them is kept as train.py does
         params = list(model.parameters())
-        ema = make_ema(model, tcfg.ema_decay)
+        ema = EMA(model, tcfg.ema_decay)
         what = "full fine-tune (every base parameter)"
     else:                  # only the LoRA A and B train
         names = inject_lora(model, tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha)
@@ -55,7 +55,7 @@ def main():
         what = f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers ({', '.join(tcfg.lora_targets)})"
     model.train()
     # no weight decay in either mode: it would pull the trained base weights (or A) towards zero
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+    optimizer = adamw(params, tcfg.lr, device, weight_decay=0.0)
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     progress = Progress()
     if state:

@@ -18,7 +18,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
@@ -32,9 +31,11 @@ from figures import save_grid, save_loss_curve, to_uint8
 from unet import UNet, check_model_config, count_parameters, load_weights
 
 
-def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None, shard=(0, 1)):
+def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None, shard=(0, 1),
+               min_snr_gamma=TrainConfig.min_snr_gamma):
     """One optimizer step of DDPM's simplified loss (Ho et al. 2020, Algorithm 1, eq. 14); returns the loss
-    as a float. x0 (B,C,H,W) in [-1, 1], labels (B,). With dtype (bf16 or fp16) the forward pass runs
+    as a float. Beyond the blog: the target may be v instead of eps, and min_snr_gamma > 0 weights each
+    image's error by its noise level (training_target, loss_weight). x0 (B,C,H,W) in [-1, 1], labels (B,). With dtype (bf16 or fp16) the forward pass runs
     under torch.autocast; fp16 also needs a GradScaler against underflow.
     shard=(rank, world): under torchrun, x0 is this process's slice of the global batch (see fit)."""
     (rank, world), B, device = shard, x0.shape[0], x0.device
@@ -44,13 +45,16 @@ def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler
     t = torch.randint(0, sched.T, (world * B,), device=device)[mine]     # t ~ Uniform{0..T-1}
     # classifier-free guidance: sometimes train with the "no label" token instead of the label
     drop = (torch.rand(world * B, device=device) < p_uncond)[mine]
-    null_label = getattr(model, "module", model).cfg.num_labels          # (under torchrun model is DDP(UNet))
+    cfg = getattr(model, "module", model).cfg                             # (under torchrun model is DDP(UNet))
+    null_label = cfg.num_labels
     labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     eps = torch.randn(world * B, *x0.shape[1:], device=device)[mine]
     x_t, eps = forward_diffusion(sched, x0, t, eps)                      # x_t = sqrt(abar) x0 + sqrt(1-abar) eps
     with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype is not None):
-        eps_pred = model(x_t, t, labels)
-    loss = F.mse_loss(eps_pred.float(), eps)                             # || eps - eps_theta(x_t, t, y) ||^2
+        pred = model(x_t, t, labels)
+    target = eps if cfg.prediction == "eps" else v_target(sched, x0, eps, t)
+    per_image = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))      # || eps - eps_theta(x_t, t, y) ||^2
+    loss = (loss_weight(sched, t, cfg.prediction, min_snr_gamma) * per_image).mean()
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -82,7 +86,7 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
         while progress.step < tcfg.max_steps:
             x0, labels = batches.next()
             loss = train_step(net, optimizer, sched, x0.to(device), labels.to(device), tcfg.p_uncond, dtype, scaler,
-                              shard)
+                              shard, tcfg.min_snr_gamma)
             interrupted = ctrl_c.requested
             over_time = time_budget is not None and time.time() - start > 60 * time_budget
             if world > 1:   # torchrun: log the mean loss of all processes; stop all together if any one asks
@@ -111,14 +115,43 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
 # ----------------------------------------------------------------------------- beyond the blog: EMA, LR schedule,
 # Ctrl-C, the end-of-run figures, several processes (torchrun), checkpoints, the command line
 
-def make_ema(model, decay):
+def v_target(sched, x0, eps, t):
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, section 4): the target when
+    ModelConfig.prediction is "v". Unlike eps, it stays informative at t near T, where x_t is almost all noise."""
+    abar = sched.alpha_bars.to(x0.device)[t].view(-1, 1, 1, 1)
+    return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+
+def loss_weight(sched, t, prediction, gamma):
+    """Min-SNR-gamma weighting (Hang et al. 2023): weigh each image's error on x_0 by min(SNR_t, gamma), with
+    SNR_t = abar_t / (1 - abar_t), so that the many nearly clean steps (huge SNR) stop dominating the gradient.
+    In terms of the eps or v error this is min(SNR, gamma) / SNR or min(SNR, gamma) / (SNR + 1).
+    gamma 0: weight 1, the blog's plain MSE."""
+    if gamma == 0:
+        return torch.ones(len(t), device=t.device)
+    abar = sched.alpha_bars.to(t.device)[t]
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
+
+
+class EMA(AveragedModel):
     """EMA of the weights, theta_ema = d theta_ema + (1 - d) theta, with the decay warmed up as
     d_n = min(decay, (1 + n) / (10 + n)): a fixed 0.999 over a short CPU run would keep averaging
-    in the untrained start."""
-    def ema_avg(avg, new, n):
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        return d * avg + (1 - d) * new
-    return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+    in the untrained start. One foreach lerp updates every tensor at once (AveragedModel's own update
+    runs a Python loop over them); its saved state is AveragedModel's ("module." weights, n_averaged)."""
+
+    def __init__(self, model, decay):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        n = int(self.n_averaged)
+        d = min(self.decay, (1 + n) / (10 + n)) if n else 0.0          # the first update copies, as AveragedModel's
+        mine, theirs = ([p for p in [*m.parameters(), *m.buffers()] if p.is_floating_point()]
+                        for m in (self.module, model))
+        torch._foreach_lerp_(mine, theirs, 1.0 - d)                    # ema += (1 - d) (theta - ema)
+        self.n_averaged += 1
 
 
 def lr_schedule(optimizer, warmup, total):
@@ -128,6 +161,11 @@ def lr_schedule(optimizer, warmup, total):
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))],
         milestones=[warmup])
+
+
+def adamw(params, lr, device, weight_decay=0.01):
+    """AdamW, fused into one kernel per step where PyTorch has that (CPU and CUDA): same maths, fewer launches."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
 class StopOnCtrlC:
@@ -302,8 +340,8 @@ def main():
     torch.manual_seed(tcfg.seed)                              # the same in every process: the same weights
     model = UNet(mcfg).to(device)
     batches = Batches(images, labels, tcfg.batch_size, tcfg.seed, shard=(rank, world))
-    ema = make_ema(model, tcfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    ema = EMA(model, tcfg.ema_decay)
+    optimizer = adamw(model.parameters(), tcfg.lr, device)
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     progress = Progress()
     if ckpt:

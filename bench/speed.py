@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save, autocast_dtype, run_main  # noqa: E402
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise  # noqa: E402
-from train import Progress, checkpoint_dict, lr_schedule, make_ema, train_step  # noqa: E402
+from train import Progress, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
 from unet import UNet, check_model_config, count_parameters, load_model  # noqa: E402
 
 # The tutorial's UNet shape, built with our blocks: 48x48 pixels directly, five levels, one token.
@@ -152,7 +152,7 @@ def write_random_checkpoint(path):
     """A checkpoint with random weights in exactly the format train.py writes (enough for denoise.py)."""
     torch.manual_seed(0)
     model, tcfg = UNet(ModelConfig()), TrainConfig()
-    ema = make_ema(model, tcfg.ema_decay)
+    ema = EMA(model, tcfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     images = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
@@ -214,7 +214,7 @@ def measure_lora_sampling(plan, checkpoint, device):
     labels = torch.arange(10).repeat_interleave(plan["per_label"])
     dtype = autocast_dtype("auto", device)
 
-    def sampler(model, steps=SampleConfig.ddim_steps):
+    def sampler(model, steps=SampleConfig.steps):
         g = torch.Generator(device=device).manual_seed(0)
         return lambda: backward_denoise(model, sched, labels, "ddim", steps, 0.0, SampleConfig.guidance,
                                         generator=g, dtype=dtype)
@@ -326,7 +326,7 @@ def markdown(results):
         out += ["", f"Sampling: diffusion.backward_denoise, {results['weights']}, median of "
                     f"{results['plan']['sample_rounds']} interleaved rounds.", ""]
     if "lora" in results:
-        out += [f"| sampling {10 * results['plan']['per_label']} digits, DDIM-{SampleConfig.ddim_steps}, guidance "
+        out += [f"| sampling {10 * results['plan']['per_label']} digits, DDIM-{SampleConfig.steps}, guidance "
                 f"{SampleConfig.guidance:g}, {results['lora_precision']} | seconds: median (range) | x base |",
                 "|---|---:|---:|"]
         for r in results["lora"]:

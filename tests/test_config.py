@@ -107,10 +107,19 @@ def test_config_flags_round_trip():
 
 def test_config_from_dict_restores_tuples_and_refuses_unknown_keys():
     """Checkpoint configs come back as dataclasses with tuples; unknown settings mean a foreign file."""
-    d = {"widths": [8, 16], "T": 50}
-    assert config_from_dict(ModelConfig, d) == ModelConfig(widths=(8, 16), T=50)
+    d = {"widths": [8, 16], "T": 50, "prediction": "v"}
+    assert config_from_dict(ModelConfig, d) == ModelConfig(widths=(8, 16), T=50, prediction="v")
     with pytest.raises(UserError, match="colour"):
         config_from_dict(ModelConfig, {"colour": "red"})
+
+
+def test_a_file_from_before_v_prediction_and_min_snr_loads_as_trained():
+    """A checkpoint saved before `prediction` and `min_snr_gamma` existed was trained the blog's way:
+    loading it must not silently switch it to today's defaults (v, min-SNR)."""
+    assert ModelConfig().prediction == "v" and TrainConfig().min_snr_gamma > 0
+    assert config_from_dict(ModelConfig, {"T": 50}).prediction == "eps"
+    assert config_from_dict(TrainConfig, {"lr": 1e-3}).min_snr_gamma == 0.0
+    assert config_from_dict(TrainConfig, {"min_snr_gamma": 5.0}).min_snr_gamma == 5.0
 
 
 def test_run_main_turns_user_error_into_exit_2(capsys):

@@ -69,7 +69,7 @@ def test_denoise_figure_ends_on_the_finished_image(sampler, steps):
     x, snapshots = backward_denoise(model, Schedule.from_config(cfg), torch.arange(3), sampler, steps,
                                     generator=torch.Generator().manual_seed(0), keep=SampleConfig.gif_frames)
     columns = denoise.process_columns(snapshots)
-    total = steps or (cfg.T if sampler == "ddpm" else SampleConfig.ddim_steps)
+    total = steps or (cfg.T if sampler == "ddpm" else SampleConfig.steps)
     assert len(columns) == 1 + min(SampleConfig.figure_columns, total)
     assert columns[0][0] == 0 and columns[-1][0] == total
     assert torch.equal(columns[-1][1], x.cpu())

@@ -125,7 +125,8 @@ def test_timesteps_out_of_range_is_a_user_error(steps):
 
 
 class PerfectDenoiser(nn.Module):
-    """Knows the answer: predicts the eps that makes x_t consistent with one fixed image x0."""
+    """Knows the answer: predicts the eps (or v, as cfg.prediction says) that makes x_t consistent with one
+    fixed image x0."""
 
     def __init__(self, cfg, sched, x0):
         super().__init__()
@@ -136,14 +137,17 @@ class PerfectDenoiser(nn.Module):
     def forward(self, x, t, labels):
         self.calls += 1
         abar = self.sched.alpha_bars[t].view(-1, 1, 1, 1)
-        return (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        eps = (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        return eps if self.cfg.prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * self.x0
 
 
-@pytest.mark.parametrize("sampler,steps,guidance", [("ddim", 10, 0.0), ("ddim", 5, 2.0), ("ddpm", None, 0.0)])
-def test_backward_denoise_with_a_perfect_model_returns_x0(sampler, steps, guidance):
-    """The sampling loop chains the steps correctly: with a model that always predicts the true eps, DDIM
-    and DDPM both end at x0 from any starting noise, calling the model once per step."""
-    cfg = ModelConfig(T=50)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("sampler,steps,guidance", [("ddim", 10, 0.0), ("ddim", 5, 2.0), ("ddpm", None, 0.0),
+                                                    ("dpm++", 7, 0.0), ("dpm++", 4, 2.0)])
+def test_backward_denoise_with_a_perfect_model_returns_x0(sampler, steps, guidance, prediction):
+    """The sampling loop chains the steps correctly: with a model that always predicts the true eps (or v),
+    DDIM, DDPM and DPM-Solver++ all end at x0 from any starting noise, calling the model once per step."""
+    cfg = ModelConfig(T=50, prediction=prediction)
     sched = Schedule.from_config(cfg)
     x0 = (torch.rand(1, 1, 28, 28) * 2 - 1) * 0.9
     model = PerfectDenoiser(cfg, sched, x0)

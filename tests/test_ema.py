@@ -5,7 +5,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from conftest import tiny_config
 from diffusion import Schedule, forward_diffusion
-from train import make_ema, train_step
+from train import EMA, train_step
 from unet import UNet
 
 STEPS = 60
@@ -23,10 +23,10 @@ def denoising_loss(model, sched, x0, labels):
 
 def test_warmed_up_ema_is_not_worse_than_raw_weights_after_a_short_run():
     torch.manual_seed(0)
-    cfg = tiny_config(widths=(16, 32))
+    cfg = tiny_config(widths=(16, 32), prediction="eps")      # denoising_loss measures the eps error
     model = UNet(cfg)
     sched = Schedule.from_config(cfg)
-    ema = make_ema(model, 0.999)                                 # decay warmed up: min(0.999, (1+n)/(10+n))
+    ema = EMA(model, 0.999)                                 # decay warmed up: min(0.999, (1+n)/(10+n))
     fixed = AveragedModel(model, avg_fn=lambda avg, new, n: 0.999 * avg + 0.001 * new, use_buffers=True)
     # a simple learnable "data set": bright squares whose position depends on the label
     labels = torch.arange(10).repeat(3)

@@ -267,7 +267,7 @@ def test_default_lora_meets_the_size_targets(tmp_path):
     is <= 5% of a train.py checkpoint of the base (model, EMA and optimizer state, as train.py saves it)."""
     from config import FinetuneConfig, ModelConfig, atomic_save
     from dataset import Batches
-    from train import Progress, checkpoint_dict, lr_schedule, make_ema
+    from train import Progress, checkpoint_dict, lr_schedule, EMA
     from unet import UNet, count_parameters
     torch.manual_seed(0)
     tcfg, model = FinetuneConfig(), UNet(ModelConfig())
@@ -276,7 +276,7 @@ def test_default_lora_meets_the_size_targets(tmp_path):
     optimizer.step()                                        # AdamW's moments exist, as in a real checkpoint
     batches = Batches(torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.arange(8) % 10, 4, 0)
     base_file = tmp_path / "model.pt"
-    atomic_save(checkpoint_dict(model, make_ema(model, tcfg.ema_decay), optimizer,
+    atomic_save(checkpoint_dict(model, EMA(model, tcfg.ema_decay), optimizer,
                                 lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps), batches, Progress(), tcfg),
                 base_file)
     n_base = count_parameters(model)
