@@ -49,7 +49,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 200        # linear LR warm-up, then cosine decay to 0 at max_steps
-    max_steps: int = 3400          # training length in optimizer steps (independent of the data size)
+    max_steps: int = 2600          # training length in optimizer steps (independent of the data size)
     p_uncond: float = 0.1          # chance to drop the label (classifier-free guidance needs it)
     min_snr_gamma: float = 5.0     # loss weight min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023); 0 = the blog's plain MSE
     ema_decay: float = 0.999       # EMA of the weights, warmed up as min(decay, (1+n)/(10+n))
