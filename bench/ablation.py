@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.evaluate import DataError, UsageError, load_classifier, score  # noqa: E402
-from config import SampleConfig, UserError, autocast_dtype, run_main  # noqa: E402
-from diffusion import Schedule, backward_denoise, to_uint8  # noqa: E402
+from bench.knobs import Variant, sample  # noqa: E402
+from config import UserError, run_main  # noqa: E402
 from unet import load_model  # noqa: E402
 
 # training variants: run name -> train.py flags on top of the defaults
@@ -41,19 +41,19 @@ TRAININGS = {
     "blog-ddpm": ["--prediction", "eps", "--min-snr-gamma", "0", "--max-steps", "3400"],
 }
 EVERY_STEP = (0, 10 ** 9)                                   # a guidance interval that holds every t
-OLD_SAMPLING = dict(sampler="ddim", steps=25, guidance=1.5, guidance_interval=EVERY_STEP)
+OLD_SAMPLING = Variant(sampler="ddim", steps=25, guidance=1.5, guidance_interval=EVERY_STEP)
 # table rows: (change, variant, training run, sampling settings on top of SampleConfig's)
 ROWS = [
-    ("new defaults", "seed 0", "default", {}),
-    ("", "training seed 1", "default-seed1", {}),
-    ("min-SNR loss weighting", "off", "no-min-snr", {}),
-    ("v-prediction", "off (eps-prediction)", "eps-prediction", {}),
-    ("guidance interval", "off: the same w at every step", "default", dict(guidance_interval=EVERY_STEP)),
-    ("", "off, w 0.5", "default", dict(guidance_interval=EVERY_STEP, guidance=0.5)),
-    ("guidance weight", "w 0.5", "default", dict(guidance=0.5)),
-    ("", "w 2", "default", dict(guidance=2.0)),
-    ("sampler", "DPM-Solver++(2M), 15 steps", "default", dict(sampler="dpm++", steps=15)),
-    ("", "DPM-Solver++(2M), 25 steps", "default", dict(sampler="dpm++", steps=25)),
+    ("new defaults", "training seed 0", "default", Variant()),
+    ("", "training seed 1", "default-seed1", Variant()),
+    ("min-SNR loss weighting", "off", "no-min-snr", Variant()),
+    ("v-prediction", "off (eps-prediction)", "eps-prediction", Variant()),
+    ("guidance interval", "off: the same w at every step", "default", Variant(guidance_interval=EVERY_STEP)),
+    ("", "off, w 0.5", "default", Variant(guidance_interval=EVERY_STEP, guidance=0.5)),
+    ("guidance weight", "w 1", "default", Variant(guidance=1.0)),
+    ("", "w 1.5", "default", Variant(guidance=1.5)),
+    ("sampler", "DPM-Solver++(2M), 15 steps", "default", Variant(sampler="dpm++", steps=15)),
+    ("", "DPM-Solver++(2M), 25 steps", "default", Variant(sampler="dpm++", steps=25)),
     ("old defaults", "eps, plain MSE, 3,400 steps; w 1.5 at every step", "blog-ddpm", OLD_SAMPLING),
 ]
 
@@ -79,17 +79,6 @@ def train(name, flags, args):
     return info
 
 
-def sample_and_score(checkpoint, settings, labels, seed, classifier):
-    model, _ = load_model(checkpoint)
-    sched = Schedule.from_config(model.cfg)
-    kw = dict(sampler=SampleConfig.sampler, steps=SampleConfig.steps, guidance=SampleConfig.guidance,
-              guidance_interval=SampleConfig.guidance_interval) | settings
-    start = time.time()
-    x, _ = backward_denoise(model, sched, labels, generator=torch.Generator().manual_seed(seed),
-                            dtype=autocast_dtype("auto", torch.device("cpu")), **kw)
-    seconds = time.time() - start
-    r = score(to_uint8(x), labels, classifier=classifier)
-    return r, seconds, kw
 
 
 def main():
@@ -117,11 +106,12 @@ def main():
           f"{classifier[1]['heldout_accuracy']:.1%}\n")
     print("| change | variant | accuracy | weakest digit | FD / floor | train s | sampling s |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for change, variant, run, settings in ROWS:
-        r, seconds, _ = sample_and_score(Path(args.runs_dir) / run / "model.pt", settings, labels, args.seed,
-                                         classifier)
+    for change, name, run, variant in ROWS:
+        model, _ = load_model(Path(args.runs_dir) / run / "model.pt")
+        images, seconds = sample(model, variant, labels, args.seed, torch.device("cpu"))
+        r = score(images, labels, classifier=classifier)
         label, worst = min(r["per_label"].items(), key=lambda kv: kv[1])
-        print(f"| {change} | {variant} | {r['accuracy']:.1%} | {label}: {worst:.0%} | {r['fd_ratio']:.2f} | "
+        print(f"| {change} | {name} | {r['accuracy']:.1%} | {label}: {worst:.0%} | {r['fd_ratio']:.2f} | "
               f"{trained[run]['seconds']:.0f} | {seconds:.1f} |", flush=True)
 
 

@@ -4,11 +4,12 @@ scored by bench/evaluate.py, so the rows differ only in the knob.
     python bench/knobs.py --checkpoint model.pt                 # 50 per label = 500 digits per variant
     python bench/knobs.py --checkpoint model.pt --with-ddpm     # also DDPM-1000 (slow)
 
-The knobs, each against the same baseline (DDIM-50, guidance 2, EMA weights: what denoise.py does):
-  classifier-free guidance   guidance 2 vs 0 (off)
+The knobs, each against the same baseline (config.SampleConfig, EMA weights: what denoise.py does):
+  classifier-free guidance   the default w vs 0 (off)
   EMA weights                EMA vs the raw weights of the last training step
   sampler steps              DDIM with 10 / 25 / 50 / 100 steps (and DDPM with all T, --with-ddpm)
-  guidance weight            w = 1 / 2 / 3
+  guidance weight            w = 1 / default / 2
+(bench/ablation.py trains models too, and compares the training changes; it samples with Variant and sample.)
 
 How to read a row (see bench/evaluate.py): accuracy = share of samples the independent classifier
 reads as the label they were asked for (its ceiling is the classifier's held-out accuracy, printed
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.evaluate import DataError, UsageError, load_classifier, score  # noqa: E402
-from config import UserError, pick_device, run_main  # noqa: E402
+from config import SampleConfig, UserError, autocast_dtype, pick_device, run_main  # noqa: E402
 from diffusion import Schedule, backward_denoise  # noqa: E402
 from figures import to_uint8  # noqa: E402
 from unet import load_model  # noqa: E402
@@ -40,12 +41,14 @@ from unet import load_model  # noqa: E402
 class Variant:
     """One way of sampling; the defaults are the baseline (what denoise.py does)."""
     weights: str = "ema"
-    sampler: str = "ddim"
-    steps: int = 50
-    guidance: float = 2.0
+    sampler: str = SampleConfig.sampler
+    steps: int = SampleConfig.steps
+    guidance: float = SampleConfig.guidance
+    guidance_interval: tuple = SampleConfig.guidance_interval
 
     def __str__(self):
-        return f"{self.sampler.upper()}-{self.steps}, guidance {self.guidance:g}, {self.weights} weights"
+        lo, hi = self.guidance_interval
+        return f"{self.sampler.upper()}-{self.steps}, guidance {self.guidance:g} for t in [{lo}, {hi}], {self.weights} weights"
 
 
 BASE = Variant()
@@ -56,19 +59,22 @@ def knob_groups(T, with_ddpm):
     steps = [(f"DDIM-{n}", Variant(steps=n)) for n in (10, 25, 50, 100) if n <= T]
     if with_ddpm:
         steps.append((f"DDPM-{T}", Variant(sampler="ddpm", steps=T)))
-    return [("classifier-free guidance", [("guidance 0 (off)", Variant(guidance=0.0)), ("guidance 2", BASE)]),
+    default = f"guidance {BASE.guidance:g}"
+    return [("classifier-free guidance", [("guidance 0 (off)", Variant(guidance=0.0)), (default, BASE)]),
             ("EMA weights", [("raw weights", Variant(weights="raw")), ("EMA weights", BASE)]),
-            ("sampler steps (guidance 2)", steps),
-            ("guidance weight w", [(f"guidance {w}", Variant(guidance=float(w))) for w in (1, 2, 3)])]
+            (f"sampler steps ({default})", steps),
+            ("guidance weight w", [(f"guidance {w:g}", Variant(guidance=float(w))) for w in (1, BASE.guidance, 2)])]
 
 
 def sample(model, variant, labels, seed, device):
-    """Sample one image per label with a fresh generator seeded `seed`. Returns (uint8 images, seconds)."""
+    """Sample one image per label with a fresh generator seeded `seed`, in denoise.py's default precision.
+    Returns (uint8 images, seconds)."""
     sched = Schedule.from_config(model.cfg)
     g = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
     x, _ = backward_denoise(model, sched, labels, variant.sampler, variant.steps, 0.0, variant.guidance,
-                            generator=g)
+                            generator=g, guidance_interval=variant.guidance_interval,
+                            dtype=autocast_dtype("auto", device))        # the precision denoise.py samples in
     if device.type == "cuda":
         torch.cuda.synchronize()
     return to_uint8(x).cpu(), time.perf_counter() - start
