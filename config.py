@@ -10,8 +10,10 @@ Scripts override any field with a command-line flag of the same name; functions 
 
     python config.py      # prints the defaults and the device that would be used
 """
+import argparse
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -84,6 +86,53 @@ class SampleConfig:
 
 # ----------------------------------------------------------------------------- beyond the blog: shared helpers
 
+# What each setting's flag accepts, shown in --help and checked before any work: an interval ("(" and ")" leave
+# the end out; a tuple setting's every item) or the words it may be. Model shapes are checked by unet.check_model_config.
+LIMITS = {"image_size": "[1, 512]", "in_channels": "[1, 1]", "num_labels": "[1, 1000]", "T": "[1, 1e5]",
+          "beta_start": "(0, 1)", "beta_end": "(0, 1)", "prediction": ("eps", "v"), "patch": "[1, 8]",
+          "widths": "[1, 2048]", "time_dim": "[2, 4096]", "context_tokens": "[1, 256]", "context_dim": "[1, 4096]",
+          "heads": "[1, 256]", "ff_mult": "[1, 16]", "batch_size": "[1, 4096]", "lr": "(0, 10]",
+          "warmup_steps": "[0, 1e9]", "max_steps": "[1, 1e9]", "p_uncond": "[0, 1)", "min_snr_gamma": "[0, 1e6]",
+          "ema_decay": "[0, 1)", "seed": "[0, 1e18]", "precision": ("auto", "fp32", "bf16", "fp16"),
+          "lora_rank": "[1, 1024]", "lora_alpha": "(0, 1e6]", "steps": "[1, 1e5]", "guidance": "[0, 100]",
+          "guidance_interval": "[0, 1e5]", "eta": "[0, 1]"}
+
+
+def number(kind, bounds):
+    """An argparse type: a `kind` (int or float) in the interval `bounds` ("[1, 1e9]", "(0, 10]"); nan, inf,
+    and anything outside are refused as one line (Parser)."""
+    lo, hi = (float(v) for v in bounds[1:-1].split(","))
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ((lo < value) if bounds[0] == "(" else (lo <= value)) \
+                or not ((value < hi) if bounds[-1] == ")" else (value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in {bounds}, "
+                                             f"got {text or repr(text)}")
+        return value
+    return parse
+
+
+def numbers(kind, bounds):
+    """An argparse type: comma-separated numbers, each as number(kind, bounds) checks it; returns a tuple."""
+    return lambda text: tuple(number(kind, bounds)(v) for v in text.split(",") if v)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with each flag's default in --help, and its own errors (a value out of range, an unknown flag)
+    reported as every other wrong input is: one line `error: ...` on stderr, exit code 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        print("error: " + re.sub(r"^argument (\S+): ", r"\1: ", message), file=sys.stderr)
+        sys.exit(2)
+
+
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, never as a traceback."""
 
@@ -98,13 +147,6 @@ def run_main(main):
     except KeyboardInterrupt:                  # a second Ctrl-C: quit at once (files are written atomically)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
-
-def check_positive(cfg, names):
-    """Refuse a setting that must be positive, naming its flag."""
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
 
 
 def check_resume(saved, requested):
@@ -136,8 +178,10 @@ def pick_device(name="auto"):
             device = torch.device(name)
         except RuntimeError:
             raise UserError(f"--device {name!r} is not a device (try auto, cpu, cuda or mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        have = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+        if (device.index or 0) >= have.get(device.type, 0):            # a GPU past the last, mps without it, ...
+            raise UserError(f"--device {name}: this machine has {have.get(device.type) or 'no'} {device.type} "
+                            f"device(s) (try auto or cpu)")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -165,23 +209,27 @@ def check_output_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise UserError(f"cannot write {path}: it is a folder, give a file name")
+    if os.path.isdir(os.path.abspath(path)):                # ("" is the current folder)
+        raise UserError(f"cannot write {path or repr(path)}: it is a folder, give a file name")
 
 
 def make_folder(path):
     """os.makedirs for --out-dir, refusing clearly (before any work) when a file is in the way."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--out-dir {path} is a file, not a folder")
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path or ".", exist_ok=True)                 # "": the current folder
 
 
-def check_new_output(path, resume, overwrite):
-    """A new run does not silently replace a checkpoint the user already has."""
+def check_new_output(path, resume, overwrite, inputs=()):
+    """Before any work: a run never writes over one of its inputs ([(flag, path), ...]), nor over a file the user
+    already has unless asked (--overwrite; resume=None for commands without --resume)."""
     check_output_path(path)
+    for flag, p in inputs:
+        if os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p):
+            raise UserError(f"{path} is this command's {flag} (an input); choose another file to write")
     if not resume and not overwrite and os.path.exists(path):
-        raise UserError(f"{path} already exists: --resume continues it, --overwrite starts over, "
-                        f"or choose another --out")
+        raise UserError(f"{path} already exists: {'--resume continues it, ' if resume is not None else ''}"
+                        f"--overwrite replaces it, or choose another file name")
 
 
 def atomic_write(path, write):
@@ -189,7 +237,7 @@ def atomic_write(path, write):
     Ctrl-C while writing leaves the previous file as it was (the blog's listing writes a .tmp file and renames it too)."""
     check_output_path(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.splitext(path)[1])
+                               suffix=os.path.splitext(path)[1] or ".tmp")     # (torch.save refuses ".tmp-x")
     os.close(fd)
     os.chmod(tmp, 0o644)                                    # mkstemp makes 0600; give the usual mode
     try:
@@ -224,35 +272,28 @@ def load_file(path, kind):
 
 
 def add_config_flags(parser, cfg, only=None, aliases=None):
-    """One --flag per dataclass field (optionally only those named), defaulting to None = keep cfg;
-    aliases = {field: "--other-name"} adds a second spelling. Each help names cfg's value; its
+    """One --flag per dataclass field (optionally only those named), defaulting to None = keep cfg, accepting
+    what LIMITS allows; aliases = {field: "--other-name"} adds a second spelling. Each help names cfg's value; its
     '%(default).0s' prints nothing but keeps ArgumentDefaultsHelpFormatter from adding '(default: None)'."""
     for f in dataclasses.fields(cfg):
         if only is not None and f.name not in only:
             continue
-        default = getattr(cfg, f.name)
+        default, limit = getattr(cfg, f.name), LIMITS.get(f.name)
         flag = ["--" + f.name.replace("_", "-")] + ([aliases[f.name]] if aliases and f.name in aliases else [])
         listed = isinstance(default, tuple)
+        kind = type(default[0] if listed else default)
+        bounded = isinstance(limit, str)
         shown = f"comma-separated (default: {','.join(map(str, default))})" if listed else f"(default: {default})"
-        parser.add_argument(*flag, type=str if listed else type(default), default=None, help=shown + "%(default).0s")
+        kind = (numbers if listed else number)(kind, limit) if bounded else \
+            (lambda text: tuple(v for v in text.split(",") if v)) if listed else kind
+        parser.add_argument(*flag, type=kind, default=None, choices=None if bounded else limit,
+                            help=shown + (f", in {limit}" if bounded else "") + "%(default).0s")
 
 
 def apply_config_flags(cfg, args):
     """Copy the flags the user gave onto cfg (fields with value None were not given)."""
-    changes = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(args, f.name, None)
-        if value is None:
-            continue
-        default = getattr(cfg, f.name)
-        if isinstance(default, tuple):
-            kind = type(default[0])
-            try:
-                value = tuple(kind(v) for v in value.split(",") if v)
-            except ValueError:
-                raise UserError(f"--{f.name.replace('_', '-')}: expected comma-separated {kind.__name__}s")
-        changes[f.name] = value
-    return dataclasses.replace(cfg, **changes)
+    changes = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 
 
 if __name__ == "__main__":

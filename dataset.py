@@ -5,16 +5,16 @@ listing uses a Dataset that decodes a PIL image per item per epoch, which costs 
 
     python dataset.py --data ../shared/data/mnist-t10k      # prints sizes, saves outputs/dataset.png
 """
-import argparse
 import gzip
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from config import UserError, run_main
+from config import Parser, UserError, check_new_output, run_main
 from figures import save_grid
 
 NAMED = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -119,7 +119,7 @@ def load_folder(path, size):
     if not subdirs or bad:
         raise UserError(f"--data {path}: expected subfolders named by label (0, 1, ...), "
                         f"found {', '.join(bad[:3]) if bad else 'none'}")
-    images, labels = [], []
+    images, labels, skipped = [], [], []
     for d in subdirs:
         folder = os.path.join(path, d)
         for name in sorted(os.listdir(folder)):
@@ -127,9 +127,13 @@ def load_folder(path, size):
                 with Image.open(os.path.join(folder, name)) as img:
                     img = img.convert("L").resize((size, size), Image.BILINEAR)
                     images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8))
-            except OSError:
-                continue                                   # not an image (e.g. a README): skip it
+            except (OSError, ValueError, Image.DecompressionBombError):    # not an image (a README, a folder): skip
+                skipped.append(os.path.join(d, name))
+                continue
             labels.append(int(d))
+    if skipped:
+        print(f"warning: --data {path}: skipped {len(skipped)} file(s) that are not images: "
+              f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
     if not images:
         raise UserError(f"--data {path}: no readable images in its label folders")
     return torch.stack(images).view(-1, 1, size, size), torch.tensor(labels)
@@ -148,17 +152,19 @@ def fit_size(images, size):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Load a data set once and show a few images per label.")
+    parser = Parser(description="Load a data set once and show a few images per label.")
     parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
     parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
-    parser.add_argument("--out", default="outputs/dataset.png", help="PNG file to write")
+    parser.add_argument("--out", default="outputs/dataset.png", help="PNG file to write (an existing PNG is replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file that is not a .png")
     args = parser.parse_args()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"))   # a figure, or asked
     images, labels = load_images(args.data, args.data_root, 28)
     counts = torch.bincount(labels).tolist()
     print(f"{len(images)} images {tuple(images.shape[1:])} {images.dtype}, "
           f"{images.numel() / 2**20:.1f} MiB in memory; per label: {counts}")
     rows = [images[labels == k][:8] for k in range(len(counts))]
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     save_grid(torch.cat(rows), args.out, nrow=8)
     print(f"saved {args.out}")
 

@@ -8,14 +8,16 @@
     python denoise.py --lora lora.pt --compare     # outputs/compare.png: base | LoRA | merged, same seed
     python denoise.py --per-label 100 --save-samples s.pt      # for bench/evaluate.py
 """
-import argparse
+import math
 import os
 import time
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from config import SampleConfig, UserError, atomic_save, autocast_dtype, check_output_path, make_folder, pick_device, run_main
+from config import (LIMITS, Parser, SampleConfig, UserError, atomic_save, autocast_dtype, check_new_output, make_folder,
+                    number, numbers, pick_device, run_main)
 from diffusion import Schedule, backward_denoise
 from figures import save_animation, save_grid, save_process_figure, to_uint8
 from lora import apply_lora_files, merge_lora, set_lora_scale
@@ -30,6 +32,9 @@ def main():
     dtype = autocast_dtype(args.precision, device)            # refuses an unknown --precision before any work
     model, _ = load_model(args.checkpoint, args.weights, device)
     labels = torch.tensor(parse_labels(args.labels, model.cfg.num_labels)).repeat_interleave(args.per_label)
+    if len(labels) > MAX_SAMPLES:
+        raise UserError(f"{len(labels):,d} samples asked for; at most {MAX_SAMPLES:,d} in one run")
+    first = [labels.tolist().index(k) for k in dict.fromkeys(labels.tolist())]   # one row per label
     if args.adapters:
         files = apply_lora_files(model, args.adapters)       # inject_lora + load the A, B of every file
         set_lora_scale(model, args.lora_scale)
@@ -41,30 +46,32 @@ def main():
     sched = Schedule.from_config(model.cfg)
 
     start = time.time()
-    x, snapshots = sample_as_asked(model, sched, labels, args, device, dtype, keep=SampleConfig.gif_frames)
+    x, snapshots = sample_as_asked(model, sched, labels, args, device, dtype, SampleConfig.gif_frames, first)
     seconds = time.time() - start
     images = to_uint8(x).cpu()
     total = snapshots[-1][0]
     print(f"sampled {len(labels)} images with {args.sampler} ({total} steps, guidance {args.guidance}) "
           f"in {seconds:.1f} s")
 
-    first = [labels.tolist().index(k) for k in dict.fromkeys(labels.tolist())]   # one row per label
     columns = process_columns(snapshots)
     process = os.path.join(args.out_dir, "denoise_process.png")
-    save_process_figure([imgs[first] for _, imgs in columns], labels[first], process,
+    save_process_figure([imgs for _, imgs in columns], labels[first], process,
                         ["noise"] + [f"{n}/{total}" for n, _ in columns[1:]])
     animation = os.path.join(args.out_dir, "denoise_process.gif")
-    save_animation([imgs[first] for _, imgs in snapshots], animation)
+    save_animation([imgs for _, imgs in snapshots], animation)
     grid = os.path.join(args.out_dir, "samples.png")
-    nrow = args.per_label if len(first) > 1 else min(len(images), 10)
-    save_grid(images, grid, nrow=nrow)
+    per_row = min(args.per_label, 20)                         # the grid shows at most 20 of each label, 2,000 in all
+    shown = [i for i in range(len(images)) if i % args.per_label < per_row][:2000]
+    nrow = per_row if len(first) > 1 else min(len(shown), 10)
+    save_grid(images[shown], grid, nrow=nrow)
     print(f"saved {process}, {animation} and {grid}")
     if args.save_samples:
         atomic_save({"images": images, "labels": labels}, args.save_samples)
         print(f"saved {len(images)} samples to {args.save_samples}")
     if args.compare:
         compare = os.path.join(args.out_dir, "compare.png")
-        save_grid(compare_base_lora_merged(model, sched, x, labels, args, device, dtype), compare, nrow=nrow)
+        panels = compare_base_lora_merged(model, sched, x, labels, args, device, dtype)
+        save_grid({title: imgs[shown] for title, imgs in panels.items()}, compare, nrow=nrow)
         print(f"saved {compare}")
     if args.show:
         for path in (process, grid):
@@ -74,12 +81,25 @@ def main():
 # ----------------------------------------------------------------------------- beyond the blog: sampling as asked,
 # the figure's columns, --compare, the command line
 
-def sample_as_asked(model, sched, labels, args, device, dtype, keep=0):
+MAX_SAMPLES, CHUNK = 100_000, 1000
+
+
+def sample_as_asked(model, sched, labels, args, device, dtype, keep=0, rows=(0,)):
     """backward_denoise with the command line's sampler, steps, eta, guidance and seed (a fresh generator,
-    so every call starts from the same noise). Returns (images in [-1, 1], snapshots)."""
+    so every call starts from the same noise), CHUNK images at a time (one call for up to CHUNK: the same images
+    as always). Returns (images in [-1, 1] on the CPU, snapshots of the images at `rows` only)."""
     g = torch.Generator(device=device).manual_seed(args.seed)
-    return backward_denoise(model, sched, labels, args.sampler, args.steps, args.eta, args.guidance,
-                            generator=g, keep=keep, dtype=dtype, guidance_interval=args.guidance_interval)
+    xs, snapshots = [], []
+    for start in tqdm(range(0, len(labels), CHUNK), unit="chunk", disable=len(labels) <= CHUNK):
+        mine = [r - start for r in rows if start <= r < start + CHUNK]
+        x, snaps = backward_denoise(model, sched, labels[start:start + CHUNK], args.sampler, args.steps, args.eta,
+                                    args.guidance, generator=g, keep=keep if mine else 0, dtype=dtype,
+                                    guidance_interval=args.guidance_interval)
+        xs.append(x.cpu())
+        if snaps:
+            snaps = [(n, imgs[mine]) for n, imgs in snaps]
+            snapshots = [(n, torch.cat([a, b])) for (n, a), (_, b) in zip(snapshots, snaps)] if snapshots else snaps
+    return torch.cat(xs), snapshots
 
 
 def process_columns(snapshots, n=SampleConfig.figure_columns):
@@ -112,7 +132,7 @@ def parse_labels(text, num_labels):
         for part in text.split(","):
             if "-" in part.strip()[1:]:
                 lo, hi = part.split("-")
-                labels += list(range(int(lo), int(hi) + 1))
+                labels += list(range(int(lo), min(int(hi), num_labels) + 1))     # (not 10**9 of them)
             else:
                 labels.append(int(part))
     except ValueError:
@@ -132,58 +152,51 @@ def parse_lora_arg(text):
         value = None
     if value is None:
         return text, 1.0
-    if not value >= 0:
+    if not 0 <= value < math.inf:
         raise UserError(f"--lora {text}: the weight must be >= 0, got {weight}")
     return path, value
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Sample from a trained model and plot the denoising steps.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description="Sample from a trained model and plot the denoising steps.")
     parser.add_argument("--checkpoint", default="model.pt", help="base model written by train.py")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                         help="LoRA file written by lora_finetune.py, optionally with a weight (default 1); "
                         "repeat to combine adapters: their updates add up, each times its weight")
-    parser.add_argument("--lora-scale", type=float, default=1.0,
-                        help="multiplies every adapter's update: 0 = base model exactly, 1 = as trained")
+    parser.add_argument("--lora-scale", type=number(float, "[0, 100]"), default=1.0,
+                        help="multiplies every adapter's update: 0 = base model exactly, 1 = as trained; in [0, 100]")
     parser.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base layers first")
     parser.add_argument("--compare", action="store_true",
                         help="with --lora: sample the same seed and labels with the base model alone, with the "
                         "adapter, and with the adapter merged; save compare.png with the three side by side")
     parser.add_argument("--labels", default="0-9", help="labels to draw, e.g. 0-9 or 3,3,7")
-    parser.add_argument("--per-label", type=int, default=1, help="samples per label")
+    parser.add_argument("--per-label", type=number(int, "[1, 1e5]"), default=1,
+                        help=f"samples per label, in [1, 1e5]; at most {MAX_SAMPLES:,d} in all, sampled {CHUNK:,d} at a time")
     parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=SampleConfig.sampler,
                         help="ddpm (the blog's: all T steps), ddim, or dpm++ (DPM-Solver++(2M))")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"denoising steps (default: T for ddpm, {SampleConfig.steps} for ddim and dpm++)")
-    parser.add_argument("--eta", type=float, default=SampleConfig.eta, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
-    parser.add_argument("--guidance", type=float, default=SampleConfig.guidance,
-                        help="classifier-free guidance weight w (0 = off)")
-    parser.add_argument("--guidance-interval", default=",".join(map(str, SampleConfig.guidance_interval)),
-                        metavar="LO,HI", help="guide only the steps with LO <= t <= HI (0,999: every step)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--steps", type=number(int, LIMITS["steps"]), default=None,
+                        help=f"denoising steps, in 1..T (default: T for ddpm, {SampleConfig.steps} for ddim and dpm++)")
+    parser.add_argument("--eta", type=number(float, LIMITS["eta"]), default=SampleConfig.eta,
+                        help=f"DDIM noise: 0 = deterministic, 1 = DDPM-like; in {LIMITS['eta']}")
+    parser.add_argument("--guidance", type=number(float, LIMITS["guidance"]), default=SampleConfig.guidance,
+                        help=f"classifier-free guidance weight w (0 = off), in {LIMITS['guidance']}")
+    parser.add_argument("--guidance-interval", type=numbers(int, LIMITS["guidance_interval"]),
+                        default=SampleConfig.guidance_interval, metavar="LO,HI",
+                        help="guide only the steps with LO <= t <= HI (0,999: every step)")
+    parser.add_argument("--seed", type=number(int, LIMITS["seed"]), default=0, help=f"random seed, in {LIMITS['seed']}")
     parser.add_argument("--out-dir", default="outputs", help="folder for the PNG files")
     parser.add_argument("--save-samples", default=None, metavar="FILE.pt",
                         help="also save {'images': uint8 (N,1,H,W), 'labels': int64 (N,)}")
+    parser.add_argument("--overwrite", action="store_true", help="let --save-samples replace an existing file")
     parser.add_argument("--show", action="store_true", help="also open the figures in the image viewer")
-    parser.add_argument("--precision", default="auto",
+    parser.add_argument("--precision", default="auto", choices=LIMITS["precision"],
                         help="auto (bf16 autocast where the hardware has it, else fp32), fp32, bf16 or fp16")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     args = parser.parse_args()
-    if args.per_label < 1:
-        raise UserError(f"--per-label must be positive, got {args.per_label}")
-    if args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
-    try:
-        lo, hi = (int(v) for v in args.guidance_interval.split(","))
-    except ValueError:
-        raise UserError(f"--guidance-interval {args.guidance_interval!r}: expected two timesteps LO,HI") from None
-    if not 0 <= lo <= hi:
-        raise UserError(f"--guidance-interval needs 0 <= LO <= HI, got {lo},{hi}")
-    args.guidance_interval = (lo, hi)
-    if not 0 <= args.eta <= 1:
-        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+    if len(args.guidance_interval) != 2 or args.guidance_interval[0] > args.guidance_interval[1]:
+        raise UserError(f"--guidance-interval: expected two timesteps LO,HI with LO <= HI, "
+                        f"got {','.join(map(str, args.guidance_interval)) or 'none'}")
     if (args.merge or args.compare) and not args.lora:
         raise UserError(f"{'--merge' if args.merge else '--compare'} needs --lora FILE")
     if args.merge and args.compare:
@@ -192,8 +205,9 @@ def parse_args():
         raise UserError("--lora-scale needs --lora FILE")
     args.adapters = [parse_lora_arg(text) for text in args.lora]
     make_folder(args.out_dir)
-    if args.save_samples:
-        check_output_path(args.save_samples)
+    if args.save_samples is not None:                         # never over the model or an adapter it reads
+        check_new_output(args.save_samples, None, args.overwrite,
+                         [("--checkpoint", args.checkpoint), *(("--lora", p) for p, _ in args.adapters)])
     return args
 
 

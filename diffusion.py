@@ -6,12 +6,11 @@ with fewer, larger steps; the network may predict v instead of eps; guidance can
 
     python diffusion.py --data ../shared/data/mnist-t10k    # saves outputs/forward_diffusion.png
 """
-import argparse
 import os
 
 import torch
 
-from config import ModelConfig, SampleConfig, UserError, check_output_path, run_main
+from config import LIMITS, ModelConfig, Parser, SampleConfig, UserError, check_new_output, number, run_main
 from dataset import load_images, to_model_range
 from figures import save_process_figure
 
@@ -164,18 +163,20 @@ def timesteps(T, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Show one digit being noised by q(x_t | x_0) at several t.")
+    parser = Parser(description="Show one digit being noised by q(x_t | x_0) at several t.")
     parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
     parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
-    parser.add_argument("--index", type=int, default=0, help="which image of the data set to noise")
-    parser.add_argument("--out", default="outputs/forward_diffusion.png", help="PNG file to write")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for the noise")
+    parser.add_argument("--index", type=number(int, "[0, 1e9]"), default=0,
+                        help="which image of the data set to noise, from 0")
+    parser.add_argument("--out", default="outputs/forward_diffusion.png", help="PNG file to write (an existing PNG is replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file that is not a .png")
+    parser.add_argument("--seed", type=number(int, LIMITS["seed"]), default=0, help=f"random seed for the noise, in {LIMITS['seed']}")
     args = parser.parse_args()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    check_output_path(args.out)
+    check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"))   # a figure, or asked
     cfg = ModelConfig()
     images, labels = load_images(args.data, args.data_root, cfg.image_size)
-    if not 0 <= args.index < len(images):
+    if args.index >= len(images):
         raise UserError(f"--index must be in 0..{len(images) - 1}")
     sched = Schedule.from_config(cfg)
     ts = [0, 50, 100, 200, 300, 500, 700, 999]

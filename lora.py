@@ -11,7 +11,6 @@ model runs exactly as fast as before.
     python lora.py                                  # injects LoRA into a fresh UNet and prints what trains
     python lora.py --inspect lora.pt --base model.pt    # how big each layer's update is
 """
-import argparse
 import copy
 import hashlib
 import math
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import FinetuneConfig, ModelConfig, UserError, load_file, run_main
+from config import FinetuneConfig, ModelConfig, Parser, UserError, load_file, run_main
 from unet import ConvBlock, UNet, count_parameters, load_model
 
 
@@ -153,8 +152,9 @@ def lora_layers(model):
 
 def check_lora_targets(targets):
     unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise UserError(f"unknown LoRA target {', '.join(map(repr, unknown))}; valid: {', '.join(TARGETS)}")
+    if unknown or not targets:
+        raise UserError(f"unknown LoRA target {', '.join(map(repr, unknown)) or '(none given)'}; "
+                        f"valid: {', '.join(TARGETS)}")
 
 
 def target_of(model, name, module):
@@ -341,13 +341,13 @@ def demo():
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Without flags: a small LoRA demo on a fresh UNet. "
-                                     "With --inspect: the size of each layer's update in a LoRA file.")
+    parser = Parser(description="Without flags: a small LoRA demo on a fresh UNet. "
+                    "With --inspect: the size of each layer's update in a LoRA file.")
     parser.add_argument("--inspect", metavar="FILE", help="LoRA file written by lora_finetune.py")
     parser.add_argument("--base", default=None, help="base checkpoint, to show ||dW|| relative to ||W||")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which base weights (with --base)")
     args = parser.parse_args()
-    if args.inspect:
+    if args.inspect is not None:
         inspect(args.inspect, args.base, args.weights)
     elif args.base:
         raise UserError("--base goes with --inspect FILE")

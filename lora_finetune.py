@@ -9,7 +9,6 @@ target layers, and a fingerprint of the base weights (so it is refused on anothe
 unfinished, also the optimizer and data position for --resume. --full writes a model checkpoint as train.py does.
 """
 import dataclasses
-import os
 import time
 
 import torch
@@ -39,8 +38,7 @@ def main():
     images, labels = load_images(args.data, args.data_root, model.cfg.image_size, model.cfg.num_labels)
     saved = config_from_dict(FinetuneConfig, state["train_config"]) if state else None
     defaults = FinetuneConfig(lr=FinetuneConfig.full_lr) if args.full else FinetuneConfig()
-    tcfg = resolve_train_config(args, defaults, len(images), saved, world,
-                                positive=("max_steps", "lr", "lora_rank", "lora_alpha"))
+    tcfg = resolve_train_config(args, defaults, len(images), saved, world)
     torch.manual_seed(tcfg.seed)                              # the same in every process: the same LoRA weights
     batches = Batches(images, labels, tcfg.batch_size, tcfg.seed, shard=(rank, world))
 
@@ -118,11 +116,9 @@ def parse_args():
     args = parser.parse_args()
     if args.out is None:
         args.out = "full.pt" if args.full else "lora.pt"
-    if os.path.abspath(args.out) == os.path.abspath(args.base):
-        raise UserError("--out must not be the base checkpoint (fine-tuning never writes the base)")
-    check_new_output(args.out, args.resume, args.overwrite)
-    if args.lora_targets:
-        check_lora_targets(tuple(t for t in args.lora_targets.split(",") if t))   # before loading any data
+    check_new_output(args.out, args.resume, args.overwrite, inputs=[("--base", args.base)])
+    if args.lora_targets is not None:
+        check_lora_targets(args.lora_targets)                 # before loading any data
     make_folder(args.out_dir)
     return args
 

@@ -9,7 +9,6 @@ network to predict the noise: loss = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(
 Ctrl-C saves a resumable checkpoint (a second Ctrl-C quits at once; the last good file stays intact).
 lora_finetune.py reuses train_step() and fit() from this file.
 """
-import argparse
 import dataclasses
 import math
 import os
@@ -22,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from config import (ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
-                    atomic_save, autocast_dtype, check_new_output, check_positive, check_resume, config_from_dict,
-                    load_file, make_folder, pick_device, run_main)
+from config import (ModelConfig, Parser, TrainConfig, UserError, add_config_flags, apply_config_flags, atomic_save,
+                    autocast_dtype, check_new_output, check_resume, config_from_dict, load_file, make_folder, number,
+                    pick_device, run_main)
 from dataset import Batches, load_images
 from diffusion import Schedule, backward_denoise, forward_diffusion
 from figures import save_grid, save_loss_curve, to_uint8
@@ -279,15 +278,17 @@ def checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg):
 
 def run_parser(description, out, out_help):
     """The command line train.py and lora_finetune.py share; each adds its own settings to it."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=description)
     parser.add_argument("--data", default="mnist", help="mnist, fashion-mnist, or a folder with one subfolder per label")
     parser.add_argument("--data-root", default="./data", help="where torchvision datasets are (or are downloaded to)")
     parser.add_argument("--out", default=out, help=out_help)
     parser.add_argument("--out-dir", default="outputs", help="folder for the sample grid and loss curve")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
     parser.add_argument("--overwrite", action="store_true", help="start over even if --out exists")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (overrides --max-steps)")
-    parser.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
+    parser.add_argument("--epochs", type=number(int, "[1, 1e6]"), default=None,
+                        help="passes over the data (overrides --max-steps), in [1, 1e6]")
+    parser.add_argument("--time-budget", type=number(float, "(0, 1e6]"), default=None,
+                        help="stop cleanly after this many minutes, in (0, 1e6]")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     return parser
 
@@ -300,23 +301,14 @@ def parse_args():
     return parser.parse_args()
 
 
-def resolve_train_config(args, defaults, n_images, saved=None, world=1, positive=("max_steps", "lr")):
-    """The run's TrainConfig: the defaults, or a resumed run's own settings, plus the user's flags.
+def resolve_train_config(args, defaults, n_images, saved=None, world=1):
+    """The run's TrainConfig: the defaults, or a resumed run's own settings, plus the user's flags (their
+    ranges checked by the parser, config.LIMITS).
     --epochs N becomes max_steps = N batches-per-epoch (batches of world * batch_size images under torchrun)."""
     tcfg = apply_config_flags(saved or defaults, args)
     if args.epochs is not None:
-        if args.epochs < 1:
-            raise UserError(f"--epochs must be positive, got {args.epochs}")
         global_batch = max(1, min(tcfg.batch_size * world, n_images))
         tcfg = dataclasses.replace(tcfg, max_steps=args.epochs * (n_images // global_batch))
-    check_positive(tcfg, positive)              # (--batch-size is checked by Batches)
-    if tcfg.warmup_steps < 0:
-        raise UserError(f"--warmup-steps must be >= 0, got {tcfg.warmup_steps}")
-    if not 0 <= tcfg.p_uncond < 1 or not 0 <= tcfg.ema_decay < 1:
-        raise UserError(f"--p-uncond and --ema-decay must be in [0, 1), got {tcfg.p_uncond}, {tcfg.ema_decay}")
-    autocast_dtype(tcfg.precision, torch.device("cpu"))          # refuses an unknown --precision
-    if args.time_budget is not None and args.time_budget <= 0:
-        raise UserError(f"--time-budget must be positive, got {args.time_budget}")
     if saved is not None:
         check_resume(saved, tcfg)
     return tcfg

@@ -161,9 +161,10 @@ def check_model_config(cfg):
     if cfg.image_size % cfg.patch or size % 2 ** (len(cfg.widths) - 1):
         raise UserError(f"image_size {cfg.image_size} / patch {cfg.patch} must halve evenly "
                         f"{len(cfg.widths) - 1} times for widths {cfg.widths}")
-    bad = [w for w in cfg.widths if w < 1 or w % cfg.heads]
+    bad = [w for w in cfg.widths if w < 1 or w % cfg.heads or w % min(8, w)]      # min(8, w): GroupNorm's groups
     if cfg.heads < 1 or bad:
-        raise UserError(f"every width must be a positive multiple of heads={cfg.heads} (got {cfg.widths})")
+        raise UserError(f"every width must be a positive multiple of heads={cfg.heads}, and of 8 above 8 "
+                        f"(GroupNorm's 8 groups) (got {cfg.widths})")
     if cfg.context_tokens < 1 or cfg.context_dim < 1 or cfg.time_dim < 2 or cfg.time_dim % 2:
         raise UserError("context_tokens, context_dim must be positive and time_dim even")
     if not 0 < cfg.beta_start < cfg.beta_end < 1 or cfg.T < 1:

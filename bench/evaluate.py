@@ -496,21 +496,42 @@ def format_report(r):
     return "\n".join(lines)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: ...`, exit code 2 (like every other wrong input here)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def whole(lo, hi):
+    """An argparse type: an integer in lo..hi (nan, inf and anything else refused)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {text or repr(text)}")
+        return value
+    return parse
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score generated 28x28 samples with an independent "
-                                "classifier: label accuracy and Frechet distance vs real data.")
+    p = OneLineParser(description="Score generated 28x28 samples with an independent "
+                      "classifier: label accuracy and Frechet distance vs real data.")
     p.add_argument("samples", help="torch.save'd dict {'images': uint8 (N,1,28,28), 'labels': int64 (N,)}")
     p.add_argument("--domain", choices=DOMAINS, default="mnist")
     p.add_argument("--data-root", default=None, help=f"default {DEFAULT_DATA_ROOT} (../shared/data)")
     p.add_argument("--mnist-folder", default=None, help="ImageFolder of MNIST PNGs "
                    "(default <data-root>/mnist-t10k)")
     p.add_argument("--cache-dir", default=None, help=f"default {DEFAULT_CACHE_DIR}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--seed", type=whole(0, 2**31 - 1), default=0, help="in 0..2**31-1 (default 0)")
+    p.add_argument("--threads", type=whole(1, 1024), default=1, help="torch threads, in 1..1024 (default 1)")
     p.add_argument("--retrain", action="store_true", help="ignore a cached classifier")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, a.threads))
+    torch.set_num_threads(a.threads)
     try:
         images, labels = load_samples(a.samples)
         clf = load_classifier(a.domain, a.data_root, a.mnist_folder, a.cache_dir, a.seed,

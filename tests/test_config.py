@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import config
-from config import (ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
+from config import (pick_device, ModelConfig, TrainConfig, UserError, add_config_flags, apply_config_flags,
                     atomic_save, config_from_dict, load_file)
 
 
@@ -101,8 +101,8 @@ def test_config_flags_round_trip():
     assert m.widths == (8, 16) and m.context_tokens == 3 and m.beta_end == 0.03 and m.T == ModelConfig().T
     t = apply_config_flags(TrainConfig(), args)
     assert t.max_steps == 7 and t.lr == TrainConfig().lr
-    with pytest.raises(UserError, match="--widths"):
-        apply_config_flags(ModelConfig(), parser.parse_args(["--widths", "8,x"]))
+    with pytest.raises(SystemExit):                                  # refused by the parser itself
+        parser.parse_args(["--widths", "8,x"])
 
 
 def test_config_from_dict_restores_tuples_and_refuses_unknown_keys():
@@ -131,3 +131,15 @@ def test_run_main_turns_user_error_into_exit_2(capsys):
         config.run_main(main)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: something is wrong\n"
+
+
+def test_pick_device_refuses_devices_that_are_not_there(monkeypatch):
+    """A GPU index past the last, mps where there is none, a device type we do not run on: one-line errors."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1) and pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="has 2 cuda device"):
+        pick_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("mps", "meta", "cpu:1"):
+        with pytest.raises(UserError, match=f"--device {name}"):
+            pick_device(name)

@@ -106,13 +106,19 @@ def test_mnist_raw_files_are_read_without_downloading(tmp_path, suffix, monkeypa
     assert got_labels.dtype == torch.int64 and got_labels.tolist() == [3, 1, 4, 1, 5]
 
 
-def test_load_folder(tmp_path):
-    """An ImageFolder loads as uint8 (N,1,28,28) with the subfolder names as labels; stray files are skipped."""
+def test_load_folder(tmp_path, capsys):
+    """An ImageFolder loads as uint8 (N,1,28,28) with the subfolder names as labels; stray files (a text file,
+    a cut-short PNG, a folder) are skipped with one warning that counts and names them."""
     folder = write_image_folder(tmp_path / "d", per_label=2)
     (folder / "3" / "README.txt").write_text("not an image")
+    (folder / "4" / "half.png").write_bytes((folder / "4" / "0.png").read_bytes()[:60])
+    (folder / "5" / "sub").mkdir()
     images, labels = load_images(str(folder), None, 28)
     assert images.shape == (20, 1, 28, 28) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and torch.bincount(labels).tolist() == [2] * 10
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "skipped 3 file(s)" in warning[0]
+    assert all(name in warning[0] for name in ("README.txt", "half.png", "sub"))
 
 
 @pytest.mark.parametrize("make", ["missing", "bad_subfolder", "no_images"])
