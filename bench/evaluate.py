@@ -65,7 +65,7 @@ class UsageError(Exception):
 
 
 class DataError(Exception):
-    """The real data or cache could not be read: exit code 1."""
+    """The real data or cache could not be read: exit code 2, as for any bad input."""
 
 
 # ----------------------------------------------------------------------------- samples
@@ -537,12 +537,9 @@ def main(argv=None):
         clf = load_classifier(a.domain, a.data_root, a.mnist_folder, a.cache_dir, a.seed,
                               retrain=a.retrain, verbose=True)
         r = score(images, labels, a.domain, seed=a.seed, classifier=clf)
-    except UsageError as e:
+    except (UsageError, DataError) as e:        # bad input either way: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     print(json.dumps(r) if a.json else format_report(r))
     return 0
 

@@ -122,3 +122,13 @@ def test_cli_bad_sample_file_exit_code_2(tmp_path, case):
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
     assert not (tmp_path / "cache").exists()
+
+
+def test_main_missing_real_data_is_one_line_and_exit_2(tmp_path, capsys):
+    """A good samples file but no real data where --data-root points: one error line, exit 2, nothing cached."""
+    p = tmp_path / "s.pt"
+    torch.save({"images": torch.zeros(10, 1, 28, 28, dtype=torch.uint8), "labels": torch.arange(10)}, p)
+    assert ev.main([str(p), "--data-root", str(tmp_path / "nodata"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and lines[0].startswith("error: "), err
