@@ -224,9 +224,11 @@ def check_new_output(path, resume, overwrite, inputs=()):
     """Before any work: a run never writes over one of its inputs ([(flag, path), ...]), nor over a file the user
     already has unless asked (--overwrite; resume=None for commands without --resume)."""
     check_output_path(path)
-    for flag, p in inputs:
-        if os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p):
-            raise UserError(f"{path} is this command's {flag} (an input); choose another file to write")
+    for flag, p in inputs:                        # an input file, or a folder of inputs (--data)
+        inside = os.path.isdir(p) and os.path.commonpath([os.path.abspath(path), os.path.abspath(p)]) == os.path.abspath(p)
+        if inside or (os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p)):
+            raise UserError(f"{path} is {'inside ' if inside else ''}this command's {flag} (an input); "
+                            "choose another file to write")
     if not resume and not overwrite and os.path.exists(path):
         raise UserError(f"{path} already exists: {'--resume continues it, ' if resume is not None else ''}"
                         f"--overwrite replaces it, or choose another file name")

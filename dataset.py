@@ -159,7 +159,8 @@ def main():
     parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file that is not a .png")
     args = parser.parse_args()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"))   # a figure, or asked
+    check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"),   # a figure, or asked
+                     inputs=[("--data", args.data)])
     images, labels = load_images(args.data, args.data_root, 28)
     counts = torch.bincount(labels).tolist()
     print(f"{len(images)} images {tuple(images.shape[1:])} {images.dtype}, "

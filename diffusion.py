@@ -173,7 +173,8 @@ def main():
     parser.add_argument("--seed", type=number(int, LIMITS["seed"]), default=0, help=f"random seed for the noise, in {LIMITS['seed']}")
     args = parser.parse_args()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"))   # a figure, or asked
+    check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"),   # a figure, or asked
+                     inputs=[("--data", args.data)])
     cfg = ModelConfig()
     images, labels = load_images(args.data, args.data_root, cfg.image_size)
     if args.index >= len(images):

@@ -143,3 +143,16 @@ def test_pick_device_refuses_devices_that_are_not_there(monkeypatch):
     for name in ("mps", "meta", "cpu:1"):
         with pytest.raises(UserError, match=f"--device {name}"):
             pick_device(name)
+
+
+def test_an_output_inside_the_data_folder_is_refused(tmp_path):
+    """A figure written with --overwrite (or a .png, which dataset.py/diffusion.py replace) still never lands
+    on one of the images it reads: a path inside the --data folder is refused, and the image keeps its bytes."""
+    folder = tmp_path / "digits" / "0"
+    folder.mkdir(parents=True)
+    image = folder / "a.png"
+    image.write_bytes(b"not really a png")
+    with pytest.raises(UserError, match="inside this command's --data"):
+        config.check_new_output(str(image), None, True, inputs=[("--data", str(tmp_path / "digits"))])
+    assert image.read_bytes() == b"not really a png"
+    config.check_new_output(str(tmp_path / "figure.png"), None, True, inputs=[("--data", str(tmp_path / "digits"))])
