@@ -29,7 +29,9 @@ def main():
     noise, and draw the process. Beyond it: several adapters, --lora-scale, --compare, the GIF, --save-samples."""
     args = parse_args()                                       # (also checks the flags before any work)
     device = pick_device(args.device)
-    dtype = autocast_dtype(args.precision, device)            # refuses an unknown --precision before any work
+    # auto: bf16 where native, but fp32 with an adapter, where bf16 would round the merged W + dW differently
+    # from the unmerged W x + dW x and the merge would change the digits (README, "LoRA")
+    dtype = autocast_dtype("fp32" if args.precision == "auto" and args.adapters else args.precision, device)
     model, _ = load_model(args.checkpoint, args.weights, device)
     labels = torch.tensor(parse_labels(args.labels, model.cfg.num_labels)).repeat_interleave(args.per_label)
     if len(labels) > MAX_SAMPLES:
@@ -50,8 +52,8 @@ def main():
     seconds = time.time() - start
     images = to_uint8(x).cpu()
     total = snapshots[-1][0]
-    print(f"sampled {len(labels)} images with {args.sampler} ({total} steps, guidance {args.guidance}) "
-          f"in {seconds:.1f} s")
+    print(f"sampled {len(labels)} images with {args.sampler} ({total} steps, guidance {args.guidance}, "
+          f"{str(dtype or 'fp32').replace('torch.bfloat16', 'bf16').replace('torch.float16', 'fp16')}) in {seconds:.1f} s")
 
     columns = process_columns(snapshots)
     process = os.path.join(args.out_dir, "denoise_process.png")
@@ -118,7 +120,7 @@ def compare_base_lora_merged(model, sched, x_lora, labels, args, device, dtype):
     x_merged, _ = sample_as_asked(model, sched, labels, args, device, dtype)
     difference = (x_lora - x_merged).abs().max().item()
     note = "" if dtype is None else \
-        f" ({str(dtype).replace('torch.', '')} rounds W + dW; --precision fp32 shows the merge is exact)"
+        f" ({str(dtype).replace('torch.', '')} rounds W + dW; the default precision, fp32 with LoRA, shows the merge is exact)"
     print(f"same seed, pixels in [-1, 1]: LoRA vs merged differ by at most {difference:.1e}{note}; "
           f"base vs LoRA by {(x_lora - x_base).abs().max().item():.2f}")
     return {"base": to_uint8(x_base).cpu(), f"LoRA (scale {args.lora_scale:g})": to_uint8(x_lora).cpu(),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from config import UserError
+from config import UserError, autocast_dtype
 from conftest import check_ok, run_script, tiny_batch
 from lora import (LoraConv2d, LoraLayer, apply_lora_file, apply_lora_files, fingerprint, inject_lora,
                   lora_file_dict, lora_layers, lora_state_dict, merge_lora, set_lora_scale, unmerge_lora)
@@ -232,6 +232,22 @@ def test_denoise_with_two_adapters_at_scale_zero_is_the_base(base_run, lora_run,
     lora = str(lora_run["lora"])
     assert torch.equal(sample("base"), sample("zero", "--lora", f"{lora}:0.7", "--lora", f"{lora}:0.3",
                                               "--lora-scale", 0, "--merge"))
+
+
+def test_merge_changes_no_pixel_at_the_default_precision(base_run, lora_run, tmp_path):
+    """denoise.py --lora F with and without --merge, same seed, default --precision (auto: bf16 on a CPU
+    with native bf16, but fp32 whenever an adapter is loaded): the digits agree within 2 of 255 grey levels."""
+    def sample(name, *flags):
+        path = tmp_path / f"{name}.pt"
+        result = check_ok(run_script("denoise.py", "--checkpoint", base_run["ckpt"], "--labels", "0-9", "--steps", 10,
+                                     "--out-dir", tmp_path / name, "--save-samples", path, *flags))
+        return torch.load(path, weights_only=True)["images"].int(), result.stdout
+    lora = ("--lora", lora_run["lora"])
+    (unmerged, said), (merged, _) = sample("lora", *lora), sample("merged", *lora, "--merge")
+    assert (unmerged - merged).abs().max() <= 2
+    assert ", fp32)" in said, said                                                    # fp32 with an adapter
+    native = autocast_dtype("auto", torch.device("cpu"))
+    assert (", bf16)" if native else ", fp32)") in sample("base")[1]                      # without one: auto as ever
 
 
 def test_denoise_compare_draws_base_lora_and_merged(base_run, lora_run, tmp_path):
