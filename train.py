@@ -33,9 +33,9 @@ from unet import UNet, check_model_config, count_parameters, load_weights
 def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None, shard=(0, 1),
                min_snr_gamma=TrainConfig.min_snr_gamma):
     """One optimizer step of DDPM's simplified loss (Ho et al. 2020, Algorithm 1, eq. 14); returns the loss
-    as a float. Beyond the blog: the target may be v instead of eps, and min_snr_gamma > 0 weights each
-    image's error by its noise level (training_target, loss_weight). x0 (B,C,H,W) in [-1, 1], labels (B,). With dtype (bf16 or fp16) the forward pass runs
-    under torch.autocast; fp16 also needs a GradScaler against underflow.
+    as a float. x0 (B,C,H,W) in [-1, 1], labels (B,). Beyond the blog: the target may be v instead of eps
+    (v_target), and min_snr_gamma > 0 weights each image's error by its noise level (loss_weight). With dtype
+    (bf16 or fp16) the forward pass runs under torch.autocast; fp16 also needs a GradScaler against underflow.
     shard=(rank, world): under torchrun, x0 is this process's slice of the global batch (see fit)."""
     (rank, world), B, device = shard, x0.shape[0], x0.device
     # The random numbers are drawn for the GLOBAL batch (every process's generator is in the same state)
@@ -45,14 +45,13 @@ def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler
     # classifier-free guidance: sometimes train with the "no label" token instead of the label
     drop = (torch.rand(world * B, device=device) < p_uncond)[mine]
     cfg = getattr(model, "module", model).cfg                             # (under torchrun model is DDP(UNet))
-    null_label = cfg.num_labels
-    labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    labels = torch.where(drop, torch.full_like(labels, cfg.num_labels), labels)     # num_labels: "no label"
     eps = torch.randn(world * B, *x0.shape[1:], device=device)[mine]
     x_t, eps = forward_diffusion(sched, x0, t, eps)                      # x_t = sqrt(abar) x0 + sqrt(1-abar) eps
     with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype is not None):
         pred = model(x_t, t, labels)
     target = eps if cfg.prediction == "eps" else v_target(sched, x0, eps, t)
-    per_image = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))      # || eps - eps_theta(x_t, t, y) ||^2
+    per_image = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))      # || target - net(x_t, t, y) ||^2, (B,)
     loss = (loss_weight(sched, t, cfg.prediction, min_snr_gamma) * per_image).mean()
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:

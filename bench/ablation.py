@@ -91,6 +91,9 @@ def main():
     needed = list(dict.fromkeys(run for _, _, run, _ in ROWS))
     if args.only:
         needed = args.only.split(",")
+        unknown = [n for n in needed if n not in TRAININGS]
+        if unknown:
+            raise UserError(f"--only: unknown run {', '.join(unknown)}; the runs are {', '.join(TRAININGS)}")
     with ThreadPoolExecutor(args.jobs) as pool:
         trained = dict(zip(needed, pool.map(lambda n: train(n, TRAININGS[n], args), needed)))
     if args.only:
