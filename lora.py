@@ -74,12 +74,14 @@ def inject_lora(model, targets=FinetuneConfig.lora_targets, r=FinetuneConfig.lor
                 alpha=FinetuneConfig.lora_alpha):
     """Wrap every layer that one of `targets` covers (see TARGETS) in a LoRA layer; returns their full
     names. (The blog's inject_lora takes one layer at a time and handles nn.Linear only.)"""
-    check_lora_targets(targets)
-    names = [name for name, m in model.named_modules() if target_of(model, name, m) in targets]
+    ranks = target_ranks(targets, r)                 # {target: its rank}, r unless it says NAME:RANK
+    covered = {name: target_of(model, name, m) for name, m in model.named_modules()}
+    names = [name for name, target in covered.items() if target in ranks]
     if not names:
         raise UserError(f"no layer of this model is covered by {', '.join(targets) or 'no targets'}")
     for name in names:
-        wrap_layer(model, name, r, alpha)
+        rank = ranks[covered[name]]
+        wrap_layer(model, name, rank, alpha * rank / r)   # alpha / r: the same scale for every target
     return names
 
 
@@ -114,8 +116,10 @@ def merge_lora(model):
 # targets, strict loading, scale, unmerging, LoRA files, several adapters at once, the script
 
 # The names --lora-targets understands: the attention projections Wq, Wk, Wv, Wo; "ff", the two nn.Linear of
-# each Transformer block's feed-forward (ff.0, ff.2); "conv", every nn.Conv2d of a ConvBlock (conv1, conv2, skip).
-TARGETS = ("Wq", "Wk", "Wv", "Wo", "ff", "conv")
+# each Transformer block's feed-forward (ff.0, ff.2); "conv", every nn.Conv2d of a ConvBlock (conv1, conv2, skip);
+# "context", the label embedding (LabelContext.embed: what each label's tokens say). NAME:RANK gives a target
+# its own rank (e.g. conv,context:8); its alpha follows, so that alpha / r is the same for every target.
+TARGETS = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "context")
 
 
 class LoraConv2d(LoraLayer):
@@ -145,16 +149,48 @@ class LoraConv2d(LoraLayer):
         return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
 
 
+class LoraEmbedding(LoraLayer):
+    """Wraps a frozen nn.Embedding `base` (num rows of dim): row i gets A[i] B alpha / r, A (num, r) random,
+    B (r, dim) zeros: an embedding is a linear layer applied to one-hot rows, so this is LoraLayer on those
+    rows (as loralib's Embedding). r (num + dim) numbers train."""
+
+    def new_factors(self, base, r):
+        a = nn.Parameter(torch.randn(base.num_embeddings, r))            # A (num, r)
+        b = nn.Parameter(torch.zeros(r, base.embedding_dim))             # B (r, dim): zero, so unchanged at first
+        return a, b
+
+    def forward(self, x):                  # x (..) indices -> (.., dim)
+        if self.merged or self.scale == 0:
+            return self.base(x)
+        return self.base(x) + F.embedding(x, self.lora_a) @ self.lora_b * (self.alpha / self.r * self.scale)
+
+    @staticmethod
+    def product(a, b):
+        """A B: (num, dim), base.weight's shape (an embedding stores rows, a linear layer columns)."""
+        return a @ b
+
+
 def lora_layers(model):
     """{full name: layer} of every LoRA layer in the model, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def check_lora_targets(targets):
-    unknown = [t for t in targets if t not in TARGETS]
+    target_ranks(targets, 1)
+
+
+def target_ranks(targets, r):
+    """--lora-targets items, NAME or NAME:RANK, as {name: rank}; r where no rank is given."""
+    ranks, unknown = {}, []
+    for item in targets:
+        name, _, rank = item.partition(":")
+        if name not in TARGETS or (rank and not (rank.isdigit() and 1 <= int(rank) <= 1024)):
+            unknown.append(item)
+        ranks[name] = int(rank) if rank.isdigit() else r
     if unknown or not targets:
         raise UserError(f"unknown LoRA target {', '.join(map(repr, unknown)) or '(none given)'}; "
-                        f"valid: {', '.join(TARGETS)}")
+                        f"valid: {', '.join(TARGETS)}, each optionally with :RANK in [1, 1024] (e.g. conv:2)")
+    return ranks
 
 
 def target_of(model, name, module):
@@ -167,15 +203,18 @@ def target_of(model, name, module):
             return "ff"
     if type(module) is nn.Conv2d and isinstance(model.get_submodule(".".join(parts[:-1])), ConvBlock):
         return "conv"
+    if type(module) is nn.Embedding:
+        return "context"
     return None
 
 
 def wrap_layer(model, name, r, alpha):
-    """Replace the layer `name` by a LoRA layer around it: LoraLayer for nn.Linear, LoraConv2d for nn.Conv2d."""
+    """Replace the layer `name` by a LoRA layer around it: LoraLayer for nn.Linear, LoraConv2d for nn.Conv2d,
+    LoraEmbedding for nn.Embedding."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     base = getattr(parent, child)
-    kinds = {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d}
+    kinds = {nn.Linear: LoraLayer, nn.Conv2d: LoraConv2d, nn.Embedding: LoraEmbedding}
     if type(base) not in kinds:
         raise UserError(f"cannot put LoRA on {name}: it is a {type(base).__name__} "
                         "(already adapted, or not a linear/conv layer)")
@@ -313,7 +352,8 @@ def inspect(path, base_path=None, weights="ema"):
     total_sq = 0.0
     for layer in f["layers"]:
         a, b = f["lora"][f"{layer}.lora_a"].float(), f["lora"][f"{layer}.lora_b"].float()
-        delta = (LoraLayer if a.dim() == 2 else LoraConv2d).product(a, b) * (f["alpha"] / f["rank"])
+        kind = LoraConv2d if a.dim() == 4 else LoraEmbedding if layer.endswith(".embed") else LoraLayer
+        delta = kind.product(a, b) * (f["alpha"] / f["rank"])        # alpha / r: the same for every target
         norm = delta.norm().item()                           # Frobenius: sqrt(sum of squares)
         total_sq += norm ** 2
         line = f"{layer:40s} {str(tuple(delta.shape)):>18s} {norm:9.4f}"

@@ -33,8 +33,9 @@ from unet import UNet, check_model_config, count_parameters, load_weights
 def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None, shard=(0, 1),
                min_snr_gamma=TrainConfig.min_snr_gamma):
     """One optimizer step of DDPM's simplified loss (Ho et al. 2020, Algorithm 1, eq. 14); returns the loss
-    as a float. x0 (B,C,H,W) in [-1, 1], labels (B,). Beyond the blog: the target may be v instead of eps
-    (v_target), and min_snr_gamma > 0 weights each image's error by its noise level (loss_weight). With dtype
+    as a 0-d tensor (fit reads them back ten at a time, READ_LOSS_EVERY). x0 (B,C,H,W) in [-1, 1], labels (B,).
+    Beyond the blog: the target may be v instead of eps (v_target), and min_snr_gamma > 0 weights each image's
+    error by its noise level (loss_weight). With dtype
     (bf16 or fp16) the forward pass runs under torch.autocast; fp16 also needs a GradScaler against underflow.
     shard=(rank, world): under torchrun, x0 is this process's slice of the global batch (see fit)."""
     (rank, world), B, device = shard, x0.shape[0], x0.device
@@ -61,7 +62,7 @@ def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return loss.item()
+    return loss.detach()
 
 
 def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=None, time_budget=None,
@@ -79,32 +80,40 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     start, epoch = time.time(), batches.epoch
     bar = tqdm(total=tcfg.max_steps, initial=progress.step, unit="step", dynamic_ncols=True, disable=rank > 0)
-    reason = "done"
+    reason, pending = "done", []                       # pending: losses not read back yet (see READ_LOSS_EVERY)
     with StopOnCtrlC() as ctrl_c, bar:                 # the bar is closed (its line ended) even on errors
         while progress.step < tcfg.max_steps:
             x0, labels = batches.next()
-            loss = train_step(net, optimizer, sched, x0.to(device), labels.to(device), tcfg.p_uncond, dtype, scaler,
-                              shard, tcfg.min_snr_gamma)
-            interrupted = ctrl_c.requested
-            over_time = time_budget is not None and time.time() - start > 60 * time_budget
-            if world > 1:   # torchrun: log the mean loss of all processes; stop all together if any one asks
-                loss, interrupted, over_time = agree_across_processes(loss, interrupted, over_time, device=device)
-            if not math.isfinite(loss):
-                raise UserError(f"loss became {loss} at step {progress.step + 1}; stopped without saving it "
-                                f"(the last good checkpoint is kept). Try a lower --lr.")
+            pending.append(train_step(net, optimizer, sched, x0.to(device), labels.to(device), tcfg.p_uncond, dtype,
+                                      scaler, shard, tcfg.min_snr_gamma))
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
             progress.step += 1
-            progress.losses.append(loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", epoch=batches.epoch, lr=f"{scheduler.get_last_lr()[0]:.1e}")
-            if interrupted or over_time:
-                reason = "interrupted" if interrupted else "time budget"
+            stop = [ctrl_c.requested, time_budget is not None and time.time() - start > 60 * time_budget]
+            epoch_ended, epoch = batches.epoch != epoch, batches.epoch
+            # Under torchrun every process reads (and agrees on stopping) at the same steps; alone, at once.
+            if not (len(pending) == READ_LOSS_EVERY or epoch_ended or progress.step == tcfg.max_steps
+                    or (world == 1 and any(stop))):
+                continue
+            losses = torch.stack(pending).float()
+            pending.clear()
+            if world > 1:   # torchrun: log the mean loss of all processes; stop all together if any one asks
+                sums = sum_over_processes(torch.cat([losses, torch.tensor(stop, dtype=torch.float32, device=device)]))
+                losses, stop = sums[:-2] / world, (sums[-2:] > 0).tolist()
+            losses = losses.tolist()
+            bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+            if bad:
+                raise UserError(f"loss became {losses[bad[0]]} at step {progress.step - len(losses) + bad[0] + 1}; "
+                                f"stopped without saving it (the last good checkpoint is kept). Try a lower --lr.")
+            progress.losses += losses
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=batches.epoch, lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if any(stop):
+                reason = "interrupted" if stop[0] else "time budget"
                 break
-            if batches.epoch != epoch and rank == 0:                        # an epoch ended: save
+            if epoch_ended and rank == 0:                                   # an epoch ended: save
                 save()
-            epoch = batches.epoch
         if rank == 0:
             save()
     return reason
@@ -112,6 +121,11 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
 
 # ----------------------------------------------------------------------------- beyond the blog: EMA, LR schedule,
 # Ctrl-C, the end-of-run figures, several processes (torchrun), checkpoints, the command line
+
+# Reading a loss back (.item(), .tolist()) makes the CPU wait until the GPU has finished the step; reading ten
+# at a time lets the CPU queue the next steps meanwhile. A NaN is still caught before anything is saved.
+READ_LOSS_EVERY = 10
+
 
 def v_target(sched, x0, eps, t):
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, section 4): the target when
@@ -140,16 +154,20 @@ class EMA(AveragedModel):
 
     def __init__(self, model, decay):
         super().__init__(model, use_buffers=True)
-        self.decay = decay
+        self.decay, self.count = decay, None      # count: n_averaged kept on the host (reading a GPU tensor waits)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "count", None))
 
     @torch.no_grad()
     def update_parameters(self, model):
-        n = int(self.n_averaged)
+        if self.count is None:                                          # read once, after creation or loading
+            self.count = int(self.n_averaged)
+        n = self.count
         d = min(self.decay, (1 + n) / (10 + n)) if n else 0.0          # the first update copies, as AveragedModel's
         mine, theirs = ([p for p in [*m.parameters(), *m.buffers()] if p.is_floating_point()]
                         for m in (self.module, model))
         torch._foreach_lerp_(mine, theirs, 1.0 - d)                    # ema += (1 - d) (theta - ema)
         self.n_averaged += 1
+        self.count += 1
 
 
 def lr_schedule(optimizer, warmup, total):
@@ -227,11 +245,10 @@ def setup_distributed(device_name):
     return int(os.environ["RANK"]), world, device
 
 
-def agree_across_processes(loss, *flags, device):
-    """The mean of the loss over all processes, and each flag True if it is True in any process."""
-    values = torch.tensor([loss, *flags], dtype=torch.float64, device=device)
-    dist.all_reduce(values)                                             # a sum over the processes
-    return (values[0].item() / dist.get_world_size(), *(v > 0 for v in values[1:].tolist()))
+def sum_over_processes(values):
+    """values summed element by element over all processes (each process gets the sums)."""
+    dist.all_reduce(values)
+    return values
 
 
 def end_distributed(world):

@@ -87,7 +87,7 @@ class ConvBlock(nn.Module):
     """The blog's ConvBlock, as a residual block: two 3x3 convs with the time embedding added in
     between, then the Transformer block that brings in the label (the Stable Diffusion change of blog part 9)."""
 
-    def __init__(self, cin, cout, cfg):
+    def __init__(self, cin, cout, cfg, attend=True):
         super().__init__()
         self.norm1 = nn.GroupNorm(min(8, cin), cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -95,13 +95,15 @@ class ConvBlock(nn.Module):
         self.norm2 = nn.GroupNorm(min(8, cout), cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.transformer = TransformerBlock(cout, cfg.context_dim, cfg.heads, cfg.ff_mult)
+        # attend=False (ours, at 14x14 by default; see UNet) leaves the block a plain residual conv block
+        self.transformer = TransformerBlock(cout, cfg.context_dim, cfg.heads, cfg.ff_mult) if attend else None
 
     def forward(self, x, t_emb, ctx):                      # x (B,cin,H,W) -> (B,cout,H,W)
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.time(t_emb)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
-        return self.transformer(self.skip(x) + h, ctx)
+        h = self.skip(x) + h
+        return h if self.transformer is None else self.transformer(h, ctx)
 
 
 class UNet(nn.Module):
@@ -113,9 +115,11 @@ class UNet(nn.Module):
                                                    upsample (32,14,14) -> concat ─> up[0] (32,14,14)
         head (4,14,14) -> shuffle -> eps (1,28,28)
 
-    Every down, mid and up block is a ConvBlock with its Transformer block (cross-attention to the
-    label). The blog's UNet works on 48x48 pixels directly; folding 2x2 pixels into channels
-    (PixelUnshuffle, a lossless 'latent') makes every layer 4x cheaper at the same width.
+    Every down, mid and up block is a ConvBlock; in the blog's UNet each carries its Transformer block
+    (cross-attention to the label). Ours leaves it out of the 14x14 blocks (ModelConfig.attention_from,
+    as SDXL does at its highest resolution): there it cost a third of a training step, and the label
+    still enters at 7x7 and in the middle. The blog's UNet works on 48x48 pixels directly; folding 2x2
+    pixels into channels (PixelUnshuffle, a lossless 'latent') makes every layer 4x cheaper at the same width.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -128,9 +132,10 @@ class UNet(nn.Module):
         self.context = LabelContext(cfg.num_labels, cfg.context_tokens, cfg.context_dim)
         p = cfg.patch
         self.stem = nn.Sequential(nn.PixelUnshuffle(p), nn.Conv2d(cfg.in_channels * p * p, w[0], 3, padding=1))
-        self.down = nn.ModuleList(ConvBlock(w[max(i - 1, 0)], w[i], cfg) for i in range(len(w)))
+        attend = [i >= cfg.attention_from for i in range(len(w))]     # which levels carry the Transformer block
+        self.down = nn.ModuleList(ConvBlock(w[max(i - 1, 0)], w[i], cfg, attend[i]) for i in range(len(w)))
         self.mid = ConvBlock(w[-1], w[-1], cfg)
-        self.up = nn.ModuleList(ConvBlock(2 * w[i], w[max(i - 1, 0)], cfg) for i in range(len(w)))
+        self.up = nn.ModuleList(ConvBlock(2 * w[i], w[max(i - 1, 0)], cfg, attend[i]) for i in range(len(w)))
         self.head = nn.Sequential(nn.GroupNorm(min(8, w[0]), w[0]), nn.SiLU(), nn.Conv2d(w[0], cfg.in_channels * p * p, 3, padding=1), nn.PixelShuffle(p))
 
     def forward(self, x, t, labels):                       # x (B,1,H,W), t (B,), labels (B,)

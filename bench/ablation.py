@@ -1,7 +1,7 @@
 """Which training and sampling changes pay on OUR model? Trains each variant with train.py, samples the
 same 1,000 digits (same seed) from each, and scores them with bench/evaluate.py.
 
-    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 5 models)
+    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 6 models)
     python bench/ablation.py --data ../shared/data/mnist-t10k --jobs 2     # two trainings at a time, 1 thread each
     python bench/ablation.py --data ../shared/data/mnist-t10k --only default-seed1   # train just these runs
 
@@ -11,7 +11,7 @@ time (with --jobs 2 each training shares the 2 cores with another: its time is n
 
 Rows: the new defaults (two training seeds), each training change switched off alone, each sampling change
 switched off alone on the default model, and the old defaults (eps-prediction and the plain MSE of the
-blog, 3,400 steps, DDIM-25 with guidance 1.5 at every step).
+blog, the Transformer block in every conv block, 3,400 steps, DDIM-25 with guidance 1.5 at every step).
 """
 import argparse
 import json
@@ -38,7 +38,8 @@ TRAININGS = {
     "default-seed1": ["--seed", "1"],
     "no-min-snr": ["--min-snr-gamma", "0"],
     "eps-prediction": ["--prediction", "eps"],
-    "blog-ddpm": ["--prediction", "eps", "--min-snr-gamma", "0", "--max-steps", "3400"],
+    "attention-everywhere": ["--attention-from", "0"],
+    "blog-ddpm": ["--prediction", "eps", "--min-snr-gamma", "0", "--attention-from", "0", "--max-steps", "3400"],
 }
 EVERY_STEP = (0, 10 ** 9)                                   # a guidance interval that holds every t
 OLD_SAMPLING = Variant(sampler="ddim", steps=25, guidance=1.5, guidance_interval=EVERY_STEP)
@@ -48,11 +49,13 @@ ROWS = [
     ("", "training seed 1", "default-seed1", Variant()),
     ("min-SNR loss weighting", "off", "no-min-snr", Variant()),
     ("v-prediction", "off (eps-prediction)", "eps-prediction", Variant()),
+    ("no Transformer block at 14x14", "off: in every block (the blog's)", "attention-everywhere", Variant()),
     ("guidance interval", "off: the same w at every step", "default", Variant(guidance_interval=EVERY_STEP)),
     ("guidance weight", "w 1", "default", Variant(guidance=1.0)),
     ("", "w 1.5", "default", Variant(guidance=1.5)),
     ("sampler", "DPM-Solver++(2M), 15 steps", "default", Variant(sampler="dpm++", steps=15)),
-    ("old defaults", "eps, plain MSE, 3,400 steps; w 1.5 at every step", "blog-ddpm", OLD_SAMPLING),
+    ("old defaults", "eps, plain MSE, attention everywhere, 3,400 steps; w 1.5 at every step", "blog-ddpm",
+     OLD_SAMPLING),
 ]
 
 

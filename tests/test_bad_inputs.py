@@ -337,8 +337,9 @@ def test_bad_input(cli, inputs, tmp_path, script, args, fragments):
 # stopped, naming the step; the checkpoint already at --out keeps its bytes.
 NAN_LOSS = """
 import sys
+import torch
 import train
-train.train_step = lambda *args, **kwargs: float("nan")
+train.train_step = lambda *args, **kwargs: torch.tensor(float("nan"))
 sys.argv = ["train.py"] + sys.argv[1:]
 train.run_main(train.main)
 """

@@ -1,6 +1,7 @@
 """config.py's shared helpers: atomic saving, loading project files, and config flags."""
 import argparse
 import os
+import platform
 import stat
 
 import pytest
@@ -107,17 +108,18 @@ def test_config_flags_round_trip():
 
 def test_config_from_dict_restores_tuples_and_refuses_unknown_keys():
     """Checkpoint configs come back as dataclasses with tuples; unknown settings mean a foreign file."""
-    d = {"widths": [8, 16], "T": 50, "prediction": "v"}
-    assert config_from_dict(ModelConfig, d) == ModelConfig(widths=(8, 16), T=50, prediction="v")
+    d = {"widths": [8, 16], "T": 50, "prediction": "v", "attention_from": 1}
+    assert config_from_dict(ModelConfig, d) == ModelConfig(widths=(8, 16), T=50, prediction="v", attention_from=1)
     with pytest.raises(UserError, match="colour"):
         config_from_dict(ModelConfig, {"colour": "red"})
 
 
 def test_a_file_from_before_v_prediction_and_min_snr_loads_as_trained():
-    """A checkpoint saved before `prediction` and `min_snr_gamma` existed was trained the blog's way:
-    loading it must not silently switch it to today's defaults (v, min-SNR)."""
-    assert ModelConfig().prediction == "v" and TrainConfig().min_snr_gamma > 0
-    assert config_from_dict(ModelConfig, {"T": 50}).prediction == "eps"
+    """A checkpoint saved before `prediction`, `min_snr_gamma` and `attention_from` existed was trained the
+    blog's way: loading it must not silently switch it to today's defaults (v, min-SNR, no attention at 14x14)."""
+    assert ModelConfig().prediction == "v" and TrainConfig().min_snr_gamma > 0 and ModelConfig().attention_from == 1
+    old = config_from_dict(ModelConfig, {"T": 50})
+    assert old.prediction == "eps" and old.attention_from == 0
     assert config_from_dict(TrainConfig, {"lr": 1e-3}).min_snr_gamma == 0.0
     assert config_from_dict(TrainConfig, {"min_snr_gamma": 5.0}).min_snr_gamma == 5.0
 
@@ -131,6 +133,13 @@ def test_run_main_turns_user_error_into_exit_2(capsys):
         config.run_main(main)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: something is wrong\n"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_settings_are_accepted_by_glibc():
+    """run_main's malloc settings (config.keep_freed_memory): glibc answers 1 to each mallopt it accepts and 0
+    to a value out of its range (e.g. an mmap threshold above 32 MiB), which would leave the default."""
+    assert config.keep_freed_memory() is True
 
 
 def test_pick_device_refuses_devices_that_are_not_there(monkeypatch):

@@ -32,6 +32,7 @@ FLAGS = [*TINY_FLAGS, "--widths", "16,32", "--T", "10", "--warmup-steps", "2", "
 
 # Runs train.py under torchrun; after fit() returns, each rank saves its own copy of the weights to
 # DUMP.rank<N>. With INTERRUPT_AFTER > 0, rank 1 alone gets a real SIGINT (Ctrl-C) after that step.
+# The processes read their losses back, and agree on stopping, every READ_LOSS_EVERY steps: 3 here.
 WRAPPER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
@@ -49,7 +50,7 @@ def train_step(*args, **kwargs):
     if rank == 1 and calls[0] == interrupt_after:
         os.kill(os.getpid(), signal.SIGINT)
     return loss
-train.fit, train.train_step = fit, train_step
+train.fit, train.train_step, train.READ_LOSS_EVERY = fit, train_step, 3
 sys.argv = ["train.py"] + sys.argv[3:]
 train.run_main(train.main)
 """
@@ -120,12 +121,13 @@ def test_two_processes_train_like_one_with_the_global_batch(two_processes, image
 
 @needs_gloo
 def test_ctrl_c_in_one_rank_stops_both_and_resume_is_exact(two_processes, image_folder, tmp_path):
-    """Ctrl-C reaching only rank 1 after step 2 stops BOTH ranks after step 2 (no hang); rank 0 saves, and a
-    2-process --resume then ends with exactly the weights and losses of the uninterrupted 2-process run."""
+    """Ctrl-C reaching only rank 1 after step 2 stops BOTH ranks at the next step where they read their losses
+    (3; no hang); rank 0 saves, and a 2-process --resume then ends with exactly the weights and losses of the
+    uninterrupted 2-process run."""
     ckpt, args = tmp_path / "m.pt", ["--data", image_folder, "--out-dir", tmp_path / "out"]
     first = torchrun(tmp_path, tmp_path / "w", *args, "--out", ckpt, "--batch-size", 4, *FLAGS, interrupt_after=2)
     assert first.returncode != 0 and "interrupted" in first.stdout, first.stderr[-3000:]
-    assert load(ckpt)["step"] == 2
+    assert load(ckpt)["step"] == 3
     again = torchrun(tmp_path, tmp_path / "w", *args, "--out", ckpt, "--resume", "--device", "cpu")
     assert again.returncode == 0, again.stderr[-3000:]
     resumed, straight = load(ckpt), load(two_processes["ckpt"])

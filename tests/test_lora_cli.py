@@ -3,7 +3,7 @@ import torch
 
 from conftest import (INTERRUPT_AFTER, LORA_RANK, check_ok, check_user_error, run_python, run_script,
                       sha256)
-from lora import LoraLayer, apply_lora_file, fingerprint
+from lora import apply_lora_file, fingerprint, inject_lora, lora_layers, lora_state_dict
 from unet import load_model
 
 
@@ -43,10 +43,9 @@ def test_lora_file_holds_only_lora_tensors(lora_run, base_run):
     assert f["lora"], "no LoRA tensors saved"
     assert all(k.endswith((".lora_a", ".lora_b")) for k in f["lora"])
     assert set(f["lora"]) == {f"{layer}.{ab}" for layer in f["layers"] for ab in ("lora_a", "lora_b")}
-    assert {layer.split(".")[-1] for layer in f["layers"]} == {"Wq", "Wk", "Wv"}
-    for k, v in f["lora"].items():
-        rank = v.shape[1] if k.endswith("lora_a") else v.shape[0]
-        assert v.dim() == 2 and rank == LORA_RANK, (k, v.shape)
+    model, _ = load_model(str(base_run["ckpt"]), "ema")          # the layers and shapes its targets give
+    assert f["layers"] == inject_lora(model, tuple(f["targets"]), LORA_RANK, f["alpha"])
+    assert {k: v.shape for k, v in f["lora"].items()} == {k: v.shape for k, v in lora_state_dict(model).items()}
     assert {p for p, _ in tensors_in(f)} == {f"/lora/{k}" for k in f["lora"]}
     assert "optimizer" not in f and f["step"] == f["train_config"]["max_steps"] == len(f["losses"])
 
@@ -58,7 +57,7 @@ def test_lora_file_holds_only_lora_tensors(lora_run, base_run):
 
     lora_numel = sum(t.numel() for t in f["lora"].values())
     base_numel = sum(t.numel() for t in base["model"].values())
-    assert lora_numel < base_numel / 10
+    assert lora_numel < base_numel / 4      # rank 4 on a tiny model; the default's 3%: test_lora_controls.py
     assert lora_run["lora"].stat().st_size * 4 < base_run["ckpt"].stat().st_size
 
 
@@ -69,8 +68,9 @@ def test_lora_training_changed_b_and_applies_to_its_base(lora_run, base_run):
     model, _ = load_model(str(base_run["ckpt"]), "ema")
     assert f["base_fingerprint"] == fingerprint(model)
     apply_lora_file(model, str(lora_run["lora"]))
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    assert len(layers) == len(f["layers"]) and all(m.r == LORA_RANK for m in layers)
+    layers = lora_layers(model)
+    assert list(layers) == f["layers"]
+    assert {m.r for name, m in layers.items() if name != "context.embed"} == {LORA_RANK}   # (context: its own)
 
 
 def test_finetuning_leaves_base_checkpoint_bytes_unchanged(lora_run, base_run):

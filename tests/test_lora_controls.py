@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from config import UserError, autocast_dtype
+from config import FinetuneConfig, UserError, autocast_dtype
 from conftest import check_ok, run_script, tiny_batch
-from lora import (LoraConv2d, LoraLayer, apply_lora_file, apply_lora_files, fingerprint, inject_lora,
+from lora import (LoraConv2d, LoraEmbedding, LoraLayer, apply_lora_file, apply_lora_files, fingerprint, inject_lora,
                   lora_file_dict, lora_layers, lora_state_dict, merge_lora, set_lora_scale, unmerge_lora)
 from unet import load_model
 
@@ -124,6 +124,46 @@ def test_conv_lora_starts_at_zero_and_merges(kernel, stride, padding):
         assert torch.allclose(conv(x), unmerged, atol=1e-5, rtol=0)    # the plain conv now does it all
 
 
+def test_embedding_lora_starts_at_zero_and_merges():
+    """LoraEmbedding: row i gets A[i] B alpha/r; unchanged at init (B = 0), and with a random B the merged
+    table W + A B alpha/r looks up what the unmerged layer computes."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(11, 12)
+    idx = torch.tensor([0, 3, 3, 10])
+    with torch.no_grad():
+        before = embed(idx)
+        layer = LoraEmbedding(embed, r=2, alpha=4.0)
+        assert torch.equal(layer(idx), before)
+        layer.lora_b.copy_(0.1 * torch.randn(layer.lora_b.shape))
+        unmerged = layer(idx)
+        assert torch.allclose(unmerged, before + 2.0 * layer.lora_a[idx] @ layer.lora_b)
+        layer.merge()
+        assert torch.allclose(embed(idx), unmerged, atol=1e-6, rtol=0)
+
+
+def test_a_target_with_its_own_rank_keeps_the_scale(tiny_model, tiny_cfg, tmp_path):
+    """--lora-targets conv,context:5 with rank 2, alpha 3: the convs get rank 2, the label embedding rank 5,
+    both the scale alpha / r = 1.5; the file (which stores the targets as given) applies to a fresh base
+    with the same ranks and output. A rank out of [1, 1024] is refused, naming the item."""
+    base_print = fingerprint(tiny_model)
+    targets = ("conv", "context:5")
+    names = inject_lora(tiny_model, targets, r=2, alpha=3.0)
+    layers = lora_layers(tiny_model)
+    assert type(layers["context.embed"]) is LoraEmbedding and layers["context.embed"].r == 5
+    assert {m.r for n, m in layers.items() if n != "context.embed"} == {2}
+    assert {m.alpha / m.r for m in layers.values()} == {1.5}
+    randomise(tiny_model)
+    expected = run(tiny_model, tiny_cfg)
+    path = tmp_path / "adapter.pt"
+    torch.save(lora_file_dict(tiny_model, names, 2, 3.0, targets, base_print), path)
+    other = fresh(tiny_cfg)
+    apply_lora_file(other, str(path))
+    assert torch.equal(run(other, tiny_cfg), expected)
+    for bad in ("context:0", "conv:x", "conv:2000"):
+        with pytest.raises(UserError, match=repr(bad)):
+            inject_lora(fresh(tiny_cfg), ("Wq", bad), r=2, alpha=2.0)
+
+
 def test_conv_and_ff_lora_files_round_trip(tiny_model, tiny_cfg, tmp_path):
     """A file with Wo/ff/conv targets applies on its base and gives the same output; another base is refused."""
     base_print = fingerprint(tiny_model)
@@ -183,10 +223,10 @@ def test_two_adapters_combine_with_their_weights(tiny_model, tiny_cfg, tmp_path)
 
 
 def test_default_adapter_file_is_only_lora_and_small(lora_run, base_run):
-    """The lora_finetune.py file for Wq,Wk,Wv holds LoRA tensors only and is far smaller than the base
-    checkpoint (which carries optimizer state and the EMA too)."""
+    """The lora_finetune.py file for the default targets holds LoRA tensors only and is far smaller than the
+    base checkpoint (which carries optimizer state and the EMA too)."""
     f = torch.load(lora_run["lora"], map_location="cpu", weights_only=True)
-    assert f["targets"] == ["Wq", "Wk", "Wv"]
+    assert f["targets"] == list(FinetuneConfig.lora_targets)
     assert f["lora"] and all(k.endswith((".lora_a", ".lora_b")) for k in f["lora"])
     assert lora_run["lora"].stat().st_size * 4 < base_run["ckpt"].stat().st_size
     assert "training" in lora_run["result"].stdout and "%" in lora_run["result"].stdout

@@ -85,3 +85,25 @@ def test_foreach_ema_equals_the_warmed_up_formula():
     for a, b in zip(ours.module.parameters(), reference.module.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert int(ours.n_averaged) == 4 and ours.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_ema_loaded_from_a_checkpoint_continues_its_warm_up():
+    """The EMA counts its updates on the host; after load_state_dict it must continue from the file's
+    n_averaged (resume), not from where the fresh object was: same weights as an EMA that never stopped."""
+    torch.manual_seed(0)
+    model = UNet(tiny_config())
+    straight, resumed = EMA(model, 0.9), None
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        straight.update_parameters(model)
+        if step == 2:                                   # "save" after 3 updates, "load" into a new EMA
+            resumed = EMA(model, 0.9)
+            resumed.update_parameters(model)            # (its own count moves on: loading must reset it)
+            resumed.load_state_dict(straight.state_dict())
+        elif resumed is not None:
+            resumed.update_parameters(model)
+    for a, b in zip(straight.module.parameters(), resumed.module.parameters()):
+        assert torch.equal(a, b)
+    assert int(resumed.n_averaged) == 5 and resumed.count == 5

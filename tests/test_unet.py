@@ -28,6 +28,20 @@ def test_unet_output_depends_on_label_and_time(tiny_model, tiny_cfg):
     assert (out - other_time).abs().max() > 1e-6
 
 
+def test_attention_from_skips_the_transformer_block_below_that_level():
+    """attention_from=1 (the default): the 14x14 blocks are plain residual conv blocks, the 7x7 ones and the
+    middle keep their Transformer block; 0 (the blog's) puts one in every block. Both take the label."""
+    for level in (0, 1):
+        model = UNet(tiny_config(attention_from=level))
+        blocks = {"down.0": model.down[0], "up.0": model.up[0], "down.1": model.down[1], "up.1": model.up[1],
+                  "mid": model.mid}
+        plain = sorted(name for name, block in blocks.items() if block.transformer is None)
+        assert plain == ([] if level == 0 else ["down.0", "up.0"])
+        x, t, labels = tiny_batch(model.cfg, 2)
+        with torch.no_grad():
+            assert not torch.allclose(model(x, t, labels), model(x, t, (labels + 1) % model.cfg.num_labels))
+
+
 def test_sinusoidal_embedding_shape_and_values():
     """t (B,) -> (B, dim): sines then cosines of t * 10000^(-i/half); at t=0 that is [0..0, 1..1]."""
     t = torch.tensor([0, 1, 17, 999])
@@ -58,7 +72,8 @@ def _cross_attention_grads(cfg):
     loss = (model(x, t, labels) - torch.randn_like(x)).pow(2).mean()
     loss.backward()
     attns = [m for m in model.modules() if isinstance(m, CrossAttention)]
-    assert len(attns) == 2 * len(cfg.widths) + 1                # every down, up and middle block
+    levels = len(cfg.widths) - cfg.attention_from
+    assert len(attns) == 2 * levels + 1                         # every down, up and middle block that has one
     return attns
 
 
