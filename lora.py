@@ -183,12 +183,12 @@ def target_ranks(targets, r):
     """--lora-targets items, NAME or NAME:RANK, as {name: rank}; r where no rank is given."""
     ranks, unknown = {}, []
     for item in targets:
-        name, _, rank = item.partition(":")
-        if name not in TARGETS or (rank and not (rank.isdigit() and 1 <= int(rank) <= 1024)):
-            unknown.append(item)
+        name, colon, rank = item.partition(":")
+        if name not in TARGETS or name in ranks or (colon and not (rank.isdigit() and 1 <= int(rank) <= 1024)):
+            unknown.append(item)                    # (a name given twice would leave its rank ambiguous)
         ranks[name] = int(rank) if rank.isdigit() else r
     if unknown or not targets:
-        raise UserError(f"unknown LoRA target {', '.join(map(repr, unknown)) or '(none given)'}; "
+        raise UserError(f"unknown or repeated LoRA target {', '.join(map(repr, unknown)) or '(none given)'}; "
                         f"valid: {', '.join(TARGETS)}, each optionally with :RANK in [1, 1024] (e.g. conv:2)")
     return ranks
 

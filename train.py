@@ -35,8 +35,8 @@ def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler
     """One optimizer step of DDPM's simplified loss (Ho et al. 2020, Algorithm 1, eq. 14); returns the loss
     as a 0-d tensor (fit reads them back ten at a time, READ_LOSS_EVERY). x0 (B,C,H,W) in [-1, 1], labels (B,).
     Beyond the blog: the target may be v instead of eps (v_target), and min_snr_gamma > 0 weights each image's
-    error by its noise level (loss_weight). With dtype
-    (bf16 or fp16) the forward pass runs under torch.autocast; fp16 also needs a GradScaler against underflow.
+    error by its noise level (loss_weight). With dtype (bf16 or fp16) the forward pass runs under
+    torch.autocast; fp16 also needs a GradScaler against underflow.
     shard=(rank, world): under torchrun, x0 is this process's slice of the global batch (see fit)."""
     (rank, world), B, device = shard, x0.shape[0], x0.device
     # The random numbers are drawn for the GLOBAL batch (every process's generator is in the same state)

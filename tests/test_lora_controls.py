@@ -144,7 +144,8 @@ def test_embedding_lora_starts_at_zero_and_merges():
 def test_a_target_with_its_own_rank_keeps_the_scale(tiny_model, tiny_cfg, tmp_path):
     """--lora-targets conv,context:5 with rank 2, alpha 3: the convs get rank 2, the label embedding rank 5,
     both the scale alpha / r = 1.5; the file (which stores the targets as given) applies to a fresh base
-    with the same ranks and output. A rank out of [1, 1024] is refused, naming the item."""
+    with the same ranks and output. A rank out of [1, 1024], an empty one, or a target named twice is
+    refused, naming the item."""
     base_print = fingerprint(tiny_model)
     targets = ("conv", "context:5")
     names = inject_lora(tiny_model, targets, r=2, alpha=3.0)
@@ -159,7 +160,7 @@ def test_a_target_with_its_own_rank_keeps_the_scale(tiny_model, tiny_cfg, tmp_pa
     other = fresh(tiny_cfg)
     apply_lora_file(other, str(path))
     assert torch.equal(run(other, tiny_cfg), expected)
-    for bad in ("context:0", "conv:x", "conv:2000"):
+    for bad in ("context:0", "conv:x", "conv:2000", "conv:", "Wq"):          # ("Wq" twice: which rank?)
         with pytest.raises(UserError, match=repr(bad)):
             inject_lora(fresh(tiny_cfg), ("Wq", bad), r=2, alpha=2.0)
 
