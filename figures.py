@@ -46,18 +46,17 @@ def save_grid(images, path, nrow, row_names=None):
 
 
 def save_process_figure(columns, labels, path, column_names):
-    """The blog's denoising figure: one row per sample, columns = images in [-1, 1] along the steps."""
+    """The blog's denoising figure: one row per sample, columns = images in [-1, 1] along the steps.
+    (The blog draws one subplot per image; one image with labelled rows and columns draws in a tenth of the time.)"""
     n, k = len(labels), len(columns)
-    fig, axes = plt.subplots(n, k, figsize=(k * 0.8, n * 0.8), squeeze=False)
-    for j, images in enumerate(columns):
-        for i in range(n):
-            axes[i, j].imshow(to_uint8(images[i, 0]), cmap="gray", vmin=0, vmax=255)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title(column_names[j], fontsize=7)
-            if j == 0:
-                axes[i, j].set_ylabel(str(int(labels[i])), fontsize=8, rotation=0, labelpad=8)
+    rows = torch.stack([to_uint8(images[:n]) for images in columns], dim=1).flatten(0, 1)   # (n*k, 1, H, W), row by row
+    grid = torchvision.utils.make_grid(rows, nrow=k, padding=2, pad_value=64)[0]
+    fig, ax = plt.subplots(figsize=(k * 0.8, n * 0.8 + 0.3))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([grid.shape[1] / k * (j + 0.5) for j in range(k)], column_names, fontsize=7)
+    ax.set_yticks([grid.shape[0] / n * (i + 0.5) for i in range(n)], [str(int(y)) for y in labels], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
     save_figure(fig, path)
 
 

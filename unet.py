@@ -83,16 +83,25 @@ class TransformerBlock(nn.Module):
         return tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
+class GroupNorm32(nn.GroupNorm):
+    """nn.GroupNorm on an fp32 copy of x (as OpenAI's guided-diffusion does). Beyond the blog, for speed: under
+    CPU autocast GroupNorm otherwise runs on bf16 input, and its channels-last bf16 kernel made a training step
+    slower than the whole channels-last gain (UNet.__init__)."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
 class ConvBlock(nn.Module):
     """The blog's ConvBlock, as a residual block: two 3x3 convs with the time embedding added in
     between, then the Transformer block that brings in the label (the Stable Diffusion change of blog part 9)."""
 
     def __init__(self, cin, cout, cfg, attend=True):
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(8, cin), cin)
+        self.norm1 = GroupNorm32(min(8, cin), cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time = nn.Linear(cfg.time_dim, cout)          # time embedding -> one bias per channel
-        self.norm2 = nn.GroupNorm(min(8, cout), cout)
+        self.norm2 = GroupNorm32(min(8, cout), cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         # attend=False (ours, at 14x14 by default; see UNet) leaves the block a plain residual conv block
@@ -136,7 +145,10 @@ class UNet(nn.Module):
         self.down = nn.ModuleList(ConvBlock(w[max(i - 1, 0)], w[i], cfg, attend[i]) for i in range(len(w)))
         self.mid = ConvBlock(w[-1], w[-1], cfg)
         self.up = nn.ModuleList(ConvBlock(2 * w[i], w[max(i - 1, 0)], cfg, attend[i]) for i in range(len(w)))
-        self.head = nn.Sequential(nn.GroupNorm(min(8, w[0]), w[0]), nn.SiLU(), nn.Conv2d(w[0], cfg.in_channels * p * p, 3, padding=1), nn.PixelShuffle(p))
+        self.head = nn.Sequential(GroupNorm32(min(8, w[0]), w[0]), nn.SiLU(), nn.Conv2d(w[0], cfg.in_channels * p * p, 3, padding=1), nn.PixelShuffle(p))
+        # Beyond the blog, for speed: conv weights stored channels-last (NHWC), so the activations follow and
+        # oneDNN's convolutions skip their layout conversions: the same numbers, a step at batch 128 10% faster.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x, t, labels):                       # x (B,1,H,W), t (B,), labels (B,)
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.cfg.time_dim))   # (B, time_dim)

@@ -1,7 +1,7 @@
 """Which training and sampling changes pay on OUR model? Trains each variant with train.py, samples the
 same 1,000 digits (same seed) from each, and scores them with bench/evaluate.py.
 
-    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 6 models)
+    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 7 models)
     python bench/ablation.py --data ../shared/data/mnist-t10k --jobs 2     # two trainings at a time, 1 thread each
     python bench/ablation.py --data ../shared/data/mnist-t10k --only default-seed1   # train just these runs
 
@@ -11,7 +11,8 @@ time (with --jobs 2 each training shares the 2 cores with another: its time is n
 
 Rows: the new defaults (two training seeds), each training change switched off alone, each sampling change
 switched off alone on the default model, and the old defaults (eps-prediction and the plain MSE of the
-blog, the Transformer block in every conv block, 3,400 steps, DDIM-25 with guidance 1.5 at every step).
+blog, the Transformer block in every conv block, 3,400 steps of batch 128, DDIM-25 with guidance 1.5 at
+every step).
 """
 import argparse
 import json
@@ -39,7 +40,9 @@ TRAININGS = {
     "no-min-snr": ["--min-snr-gamma", "0"],
     "eps-prediction": ["--prediction", "eps"],
     "attention-everywhere": ["--attention-from", "0"],
-    "blog-ddpm": ["--prediction", "eps", "--min-snr-gamma", "0", "--attention-from", "0", "--max-steps", "3400"],
+    "batch-128": ["--batch-size", "128", "--max-steps", "2600"],
+    "blog-ddpm": ["--prediction", "eps", "--min-snr-gamma", "0", "--attention-from", "0", "--batch-size", "128",
+                  "--max-steps", "3400"],
 }
 EVERY_STEP = (0, 10 ** 9)                                   # a guidance interval that holds every t
 OLD_SAMPLING = Variant(sampler="ddim", steps=25, guidance=1.5, guidance_interval=EVERY_STEP)
@@ -47,6 +50,7 @@ OLD_SAMPLING = Variant(sampler="ddim", steps=25, guidance=1.5, guidance_interval
 ROWS = [
     ("new defaults", "training seed 0", "default", Variant()),
     ("", "training seed 1", "default-seed1", Variant()),
+    ("batch 64, 3,000 steps", "off: batch 128, 2,600 steps (the previous default)", "batch-128", Variant()),
     ("min-SNR loss weighting", "off", "no-min-snr", Variant()),
     ("v-prediction", "off (eps-prediction)", "eps-prediction", Variant()),
     ("no Transformer block at 14x14", "off: in every block (the blog's)", "attention-everywhere", Variant()),
@@ -54,7 +58,7 @@ ROWS = [
     ("guidance weight", "w 1", "default", Variant(guidance=1.0)),
     ("", "w 1.5", "default", Variant(guidance=1.5)),
     ("sampler", "DPM-Solver++(2M), 15 steps", "default", Variant(sampler="dpm++", steps=15)),
-    ("old defaults", "eps, plain MSE, attention everywhere, 3,400 steps; w 1.5 at every step", "blog-ddpm",
+    ("old defaults", "eps, plain MSE, attention everywhere, 3,400 steps of 128; w 1.5 at every step", "blog-ddpm",
      OLD_SAMPLING),
 ]
 

@@ -9,7 +9,8 @@ and each table shows the median round, with the fastest and slowest round in bra
 
 1. Training: images per second of train.train_step (AdamW, fixed random batch, warm-up steps not
    counted) for our default model (with TrainConfig().precision, as `python train.py` runs it), the
-   same model in fp32, and the tutorial's UNet shape (48x48 pixels, no patching, widths 64..1024, one
+   same model laid out as before channels-last (usual NCHW layout, plain GroupNorm), the same model in
+   fp32, and the tutorial's UNet shape (48x48 pixels, no patching, widths 64..1024, one
    context token) built by our own unet.py, in fp32 at the tutorial's batch of 64. Images/s make the
    batch sizes comparable; "x tutorial" is the speed-up (target: >= 20x).
 2. Sampling 100 digits (10 per label) with diffusion.backward_denoise: DDPM-1000, DDIM-50, and DDIM-50
@@ -43,7 +44,7 @@ from config import ModelConfig, SampleConfig, TrainConfig, UserError, atomic_sav
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise  # noqa: E402
 from train import Progress, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
-from unet import UNet, check_model_config, count_parameters, load_model  # noqa: E402
+from unet import GroupNorm32, UNet, check_model_config, count_parameters, load_model  # noqa: E402
 
 # The tutorial's UNet shape, built with our blocks: 48x48 pixels directly, five levels, one token.
 TUTORIAL = ModelConfig(image_size=48, patch=1, widths=(64, 128, 256, 512, 1024), context_tokens=1)
@@ -101,11 +102,23 @@ def fmt_range(s, digits=3):
 
 # ----------------------------------------------------------------------------- 1. training speed
 
-def make_train_step(cfg, batch_size, dtype, device):
-    """A fresh seeded UNet(cfg) with AdamW, and a function doing one train_step on a fixed random batch."""
+def before_channels_last(model):
+    """The model as this project ran it before the channels-last layout: conv weights in the usual (NCHW)
+    order and plain GroupNorm (which under autocast then takes bf16 input). Same weights, same numbers."""
+    for m in model.modules():
+        if isinstance(m, GroupNorm32):
+            m.__class__ = torch.nn.GroupNorm
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def make_train_step(cfg, batch_size, dtype, device, before=False):
+    """A fresh seeded UNet(cfg) with AdamW, and a function doing one train_step on a fixed random batch;
+    before=True: the same model laid out as before channels-last (before_channels_last)."""
     check_model_config(cfg)
     torch.manual_seed(0)
     model = UNet(cfg).to(device)
+    if before:
+        before_channels_last(model)
     tcfg = TrainConfig()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -117,17 +130,18 @@ def make_train_step(cfg, batch_size, dtype, device):
 
 
 def training_setups(batch_size, device):
-    """[(name, config, batch size, autocast dtype)] for the three training measurements."""
+    """[(name, config, batch size, autocast dtype, laid out as before channels-last)] for the training measurements."""
     default_dtype = autocast_dtype(TrainConfig().precision, device)
-    return [("default", ModelConfig(), batch_size, default_dtype),
-            ("default fp32", ModelConfig(), batch_size, None),
-            ("tutorial", TUTORIAL, TUTORIAL_BATCH, None)]
+    return [("default", ModelConfig(), batch_size, default_dtype, False),
+            ("default, before channels-last", ModelConfig(), batch_size, default_dtype, True),
+            ("default fp32", ModelConfig(), batch_size, None, False),
+            ("tutorial", TUTORIAL, TUTORIAL_BATCH, None, False)]
 
 
 def measure_training(plan, batch_size, device):
     jobs, rows = {}, []
-    for name, cfg, batch, dtype in training_setups(batch_size, device):
-        model, step = make_train_step(cfg, batch, dtype, device)
+    for name, cfg, batch, dtype, before in training_setups(batch_size, device):
+        model, step = make_train_step(cfg, batch, dtype, device, before)
         tutorial = cfg is TUTORIAL
         warmup = 1 if tutorial else plan["warmup_steps"]      # the tutorial shape is slow: few steps
         log(f"training: {name}, {warmup} warm-up step(s)")
@@ -271,9 +285,9 @@ def peak_rss_mib():
 def memory_child(name, steps, batch_size, device):
     """Runs inside the child process: train `steps` steps of setup `name` (or nothing, for the
     baseline) and print the peak RSS as the last line of stdout."""
-    for setup_name, cfg, batch, dtype in training_setups(batch_size, device):
+    for setup_name, cfg, batch, dtype, before in training_setups(batch_size, device):
         if setup_name == name:
-            _, step = make_train_step(cfg, batch, dtype, device)
+            _, step = make_train_step(cfg, batch, dtype, device, before)
             for _ in range(steps):
                 step()
     print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
@@ -284,7 +298,7 @@ MEMORY_RUNS = ("baseline", "default", "tutorial")
 
 
 def measure_memory(plan, args, env):
-    setups = {n: (b, d) for n, _, b, d in training_setups(args.batch_size, torch.device(args.device))}
+    setups = {n: (b, d) for n, _, b, d, _ in training_setups(args.batch_size, torch.device(args.device))}
     rows = []
     for name in MEMORY_RUNS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--batch-size",

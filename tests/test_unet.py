@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import tiny_batch, tiny_config
-from unet import CrossAttention, LabelContext, UNet, sinusoidal_embedding
+from unet import CrossAttention, GroupNorm32, LabelContext, UNet, sinusoidal_embedding
 
 
 @pytest.mark.parametrize("B", [1, 3, 8])
@@ -40,6 +40,24 @@ def test_attention_from_skips_the_transformer_block_below_that_level():
         x, t, labels = tiny_batch(model.cfg, 2)
         with torch.no_grad():
             assert not torch.allclose(model(x, t, labels), model(x, t, (labels + 1) % model.cfg.num_labels))
+
+
+def test_channels_last_and_groupnorm32_change_no_numbers(tiny_model, tiny_cfg):
+    """The speed-only layout choices: the channels-last UNet computes what the same weights in the usual
+    (contiguous) layout compute, and GroupNorm32 under bf16 autocast is GroupNorm of the fp32 input."""
+    x, t, labels = tiny_batch(tiny_cfg, 3)
+    plain = UNet(tiny_cfg)
+    plain.load_state_dict(tiny_model.state_dict())
+    plain.to(memory_format=torch.contiguous_format)
+    assert tiny_model.stem[1].weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.stem[1].weight.is_contiguous() and not plain.stem[1].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(tiny_model(x, t, labels), plain(x, t, labels), atol=1e-5)
+    norm, h = GroupNorm32(4, 8), torch.randn(2, 8, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(h)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.nn.functional.group_norm(h.float(), 4, norm.weight, norm.bias), atol=1e-6)
 
 
 def test_sinusoidal_embedding_shape_and_values():
