@@ -57,6 +57,8 @@ ROWS = [
     ("guidance interval", "off: the same w at every step", "default", Variant(guidance_interval=EVERY_STEP)),
     ("guidance weight", "w 1", "default", Variant(guidance=1.0)),
     ("", "w 1.5", "default", Variant(guidance=1.5)),
+    ("DDIM with 20 steps", "off: 25 steps (the previous default)", "default", Variant(steps=25)),
+    ("", "seed 1 model, 25 steps", "default-seed1", Variant(steps=25)),
     ("sampler", "DPM-Solver++(2M), 15 steps", "default", Variant(sampler="dpm++", steps=15)),
     ("old defaults", "eps, plain MSE, attention everywhere, 3,400 steps of 128; w 1.5 at every step", "blog-ddpm",
      OLD_SAMPLING),

@@ -18,10 +18,10 @@ and each table shows the median round, with the fastest and slowest round in bra
    does not depend on the weights. Then the whole CLI, `python denoise.py --per-label 10`, against a
    bare `python -c "import torch, torchvision, matplotlib.pyplot"`: their difference is what our code
    adds on top of importing the libraries (target: <= 5 s).
-   With --parts lora: the default sampler (DDIM-25, guidance 1.5, default precision) for the base
-   model, for the model with a LoRA adapter (unmerged: every adapted layer computes its detour), and
-   for the same adapter merged into the weights, once with the default targets (Wq,Wk,Wv, rank 4)
-   and once with every target at rank 8. Target: merged costs what the base costs.
+   With --parts lora: the default sampler (config.SampleConfig, precision auto) for the base model, for the
+   model with a LoRA adapter (unmerged: every adapted layer computes its detour), and for the same
+   adapter merged into the weights, once with the blog's targets (Wq,Wk,Wv, rank 4) and once with every
+   target at rank 8. Target: merged costs what the base costs.
 3. Peak memory: peak resident set size (Linux VmHWM) of a fresh Python process that builds the model
    and AdamW and runs a few training steps; the baseline process only imports torch and the project.
 """
@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save, autocast_dtype, run_main  # noqa: E402
 from dataset import Batches  # noqa: E402
-from diffusion import Schedule, backward_denoise  # noqa: E402
+from diffusion import Schedule, backward_denoise, timesteps  # noqa: E402
 from train import Progress, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
 from unet import GroupNorm32, UNet, check_model_config, count_parameters, load_model  # noqa: E402
 
@@ -175,10 +175,22 @@ def write_random_checkpoint(path):
 
 
 def samplers(T):
-    """[(name, sampler, steps, guidance)] to time: DDPM walks all T steps (T = 1000 by default)."""
+    """[(name, sampler, steps, guidance)] to time: DDPM walks all T steps (T = 1000 by default); guidance
+    applies on SampleConfig's interval only. The last two: denoise.py's default, and it with 25 steps."""
+    lo, hi = SampleConfig.guidance_interval
+    w, n = SampleConfig.guidance, min(SampleConfig.steps, T)
     return [(f"DDPM-{T}, guidance 0", "ddpm", T, 0.0),
             ("DDIM-50, guidance 0", "ddim", 50, 0.0),
-            ("DDIM-50, guidance 2", "ddim", 50, 2.0)]
+            (f"DDIM-50, guidance 2 on [{lo}, {hi}]", "ddim", 50, 2.0),
+            (f"DDIM-{n}, guidance {w:g} on [{lo}, {hi}] (denoise.py's default)", "ddim", n, w),
+            (f"DDIM-25, guidance {w:g} on [{lo}, {hi}] (the previous default)", "ddim", min(25, T), w)]
+
+
+def network_calls(T, steps, guidance, batch):
+    """'calls x batch' of one sampling run: a guided step is one call on 2 x batch (label and no label)."""
+    lo, hi = SampleConfig.guidance_interval
+    guided = sum(lo <= t <= hi for t in timesteps(T, steps)) if guidance else 0
+    return " + ".join(f"{n} x {b}" for n, b in ((steps - guided, batch), (guided, 2 * batch)) if n)
 
 
 def measure_sampling(plan, checkpoint, device):
@@ -186,9 +198,11 @@ def measure_sampling(plan, checkpoint, device):
     sched = Schedule.from_config(model.cfg)
     labels = torch.arange(model.cfg.num_labels).repeat_interleave(plan["per_label"])
 
+    dtype = autocast_dtype("auto", device)                             # denoise.py's precision
+
     def sampler(kind, steps, guidance):
         g = torch.Generator(device=device).manual_seed(0)
-        return lambda: backward_denoise(model, sched, labels, kind, steps, 0.0, guidance, generator=g)
+        return lambda: backward_denoise(model, sched, labels, kind, steps, 0.0, guidance, generator=g, dtype=dtype)
 
     sampler("ddim", 2, 2.0)()                                           # warm-up
     jobs = {name: (sampler(kind, steps, guidance), 1) for name, kind, steps, guidance in samplers(sched.T)}
@@ -196,11 +210,11 @@ def measure_sampling(plan, checkpoint, device):
     times = interleaved_seconds(jobs, plan["sample_rounds"], device)
     rows = []
     for name, kind, steps, guidance in samplers(sched.T):
-        batch = len(labels) * (2 if guidance else 1)
-        rows.append(dict(name=name, forwards=f"{steps} x {batch}", seconds=summary(times[name])))
+        rows.append(dict(name=name, forwards=network_calls(sched.T, steps, guidance, len(labels)),
+                         seconds=summary(times[name])))
     for row in rows:
         row["x_ddpm"] = rows[0]["seconds"]["median"] / row["seconds"]["median"]
-    return rows, len(labels)
+    return rows, len(labels), precision_name(dtype)
 
 
 def lora_setups():
@@ -337,8 +351,8 @@ def markdown(results):
                 "seconds: median (range) | x faster than DDPM |", "|---|---|---:|---:|"]
         for r in results["sampling"]:
             out.append(f"| {r['name']} | {r['forwards']} | {fmt_range(r['seconds'], 2)} | {r['x_ddpm']:.0f}x |")
-        out += ["", f"Sampling: diffusion.backward_denoise, {results['weights']}, median of "
-                    f"{results['plan']['sample_rounds']} interleaved rounds.", ""]
+        out += ["", f"Sampling: diffusion.backward_denoise in {results['sampling_precision']} (denoise.py's precision), "
+                    f"{results['weights']}, median of {results['plan']['sample_rounds']} interleaved rounds.", ""]
     if "lora" in results:
         out += [f"| sampling {10 * results['plan']['per_label']} digits, DDIM-{SampleConfig.steps}, guidance "
                 f"{SampleConfig.guidance:g}, {results['lora_precision']} | seconds: median (range) | x base |",
@@ -421,7 +435,8 @@ def main():
             write_random_checkpoint(checkpoint)
         results["weights"] = f"EMA weights of {checkpoint}" if args.checkpoint else "random weights"
         if "sampling" in parts:
-            results["sampling"], results["sampled_digits"] = measure_sampling(plan, checkpoint, device)
+            results["sampling"], results["sampled_digits"], results["sampling_precision"] = \
+                measure_sampling(plan, checkpoint, device)
         if "lora" in parts:
             results["lora"], results["lora_precision"] = measure_lora_sampling(plan, checkpoint, device)
         if "cli" in parts:

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.speed import network_calls
 from config import ModelConfig, UserError
 from diffusion import Schedule, backward_denoise, ddim_step, ddpm_step, forward_diffusion, timesteps
 from figures import to_uint8
@@ -179,3 +180,17 @@ def test_to_uint8_maps_model_range_to_pixels():
     x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0])
     assert to_uint8(x).tolist() == [0, 0, 128, 255, 255]
     assert to_uint8(x).dtype == torch.uint8
+
+
+@pytest.mark.parametrize("steps,guidance", [(20, 1.25), (25, 1.25), (50, 2.0), (50, 0.0)])
+def test_speed_table_counts_the_calls_the_sampler_makes(steps, guidance):
+    """bench/speed.py's "network calls x batch" column is what backward_denoise does at the default T:
+    one call per step, on twice the batch while t is in the guidance interval."""
+    cfg = ModelConfig()
+    sched = Schedule.from_config(cfg)
+    model = PerfectDenoiser(cfg, sched, torch.zeros(1, 1, 28, 28))
+    batches = []
+    model.register_forward_hook(lambda m, inputs, out: batches.append(len(inputs[0])))
+    backward_denoise(model, sched, torch.arange(3), "ddim", steps, guidance=guidance)
+    counted = " + ".join(f"{batches.count(b)} x {b}" for b in (3, 6) if batches.count(b))
+    assert counted == network_calls(cfg.T, steps, guidance, 3)
