@@ -13,9 +13,10 @@ and each table shows the median round, with the fastest and slowest round in bra
    fp32, and the tutorial's UNet shape (48x48 pixels, no patching, widths 64..1024, one
    context token) built by our own unet.py, in fp32 at the tutorial's batch of 64. Images/s make the
    batch sizes comparable; "x tutorial" is the speed-up (target: >= 20x).
-2. Sampling 100 digits (10 per label) with diffusion.backward_denoise: DDPM-1000, DDIM-50, and DDIM-50
-   with guidance 2 (one batched forward of 200 per step). Random weights unless --checkpoint: the cost
-   does not depend on the weights. Then the whole CLI, `python denoise.py --per-label 10`, against a
+2. Sampling 100 digits (10 per label) with diffusion.backward_denoise at denoise.py's precision: DDPM-1000,
+   DDIM-50, DDIM-50 with guidance 2, denoise.py's default sampler and the same with 25 steps; guidance
+   applies on config.SampleConfig's interval, one batched forward of 200 per guided step (samplers,
+   network_calls). Random weights unless --checkpoint: the cost does not depend on the weights. Then the whole CLI, `python denoise.py --per-label 10`, against a
    bare `python -c "import torch, torchvision, matplotlib.pyplot"`: their difference is what our code
    adds on top of importing the libraries (target: <= 5 s).
    With --parts lora: the default sampler (config.SampleConfig, precision auto) for the base model, for the
