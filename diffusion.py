@@ -83,7 +83,7 @@ def backward_denoise(model, sched, labels, sampler=SampleConfig.sampler, steps=N
     history = None                                   # DPM-Solver++'s memory of the previous step
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        w = guidance if guidance_interval[0] <= t <= guidance_interval[1] else 0.0
+        w = guidance_at(t, guidance, guidance_interval)
         eps = predict_noise(model, sched, x, t, labels, w, dtype)
         if sampler == "ddpm":
             x = ddpm_step(sched, x, t, eps, generator)
@@ -132,6 +132,12 @@ def dpm_solver_step(sched, x_t, t, t_prev, eps, history=None):
         r = h_last / h
         d = (1 + 1 / (2 * r)) * x0 - x0_last / (2 * r)
     return ((1 - abar_prev) / (1 - abar)).sqrt() * x_t - abar_prev.sqrt() * torch.expm1(-h) * d, (x0, h)
+
+
+def guidance_at(t, guidance, interval=SampleConfig.guidance_interval):
+    """The guidance weight used at step t: `guidance` while interval[0] <= t <= interval[1], else 0
+    (guidance on an interval of noise levels only, Kynkaanniemi et al. 2024)."""
+    return guidance if interval[0] <= t <= interval[1] else 0.0
 
 
 def predict_noise(model, sched, x_t, t, labels, guidance=SampleConfig.guidance, dtype=None):

@@ -16,9 +16,10 @@ and each table shows the median round, with the fastest and slowest round in bra
 2. Sampling 100 digits (10 per label) with diffusion.backward_denoise at denoise.py's precision: DDPM-1000,
    DDIM-50, DDIM-50 with guidance 2, denoise.py's default sampler and the same with 25 steps; guidance
    applies on config.SampleConfig's interval, one batched forward of 200 per guided step (samplers,
-   network_calls). Random weights unless --checkpoint: the cost does not depend on the weights. Then the whole CLI, `python denoise.py --per-label 10`, against a
-   bare `python -c "import torch, torchvision, matplotlib.pyplot"`: their difference is what our code
-   adds on top of importing the libraries (target: <= 5 s).
+   network_calls). Random weights unless --checkpoint: the cost does not depend on the weights. Then
+   the whole CLI, `python denoise.py --per-label 10`, against a bare `python -c "import torch,
+   torchvision, matplotlib.pyplot"`: their difference is what our code adds on top of importing the
+   libraries (target: <= 5 s).
    With --parts lora: the default sampler (config.SampleConfig, precision auto) for the base model, for the
    model with a LoRA adapter (unmerged: every adapted layer computes its detour), and for the same
    adapter merged into the weights, once with the blog's targets (Wq,Wk,Wv, rank 4) and once with every
@@ -43,7 +44,7 @@ import torch  # noqa: E402
 
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save, autocast_dtype, run_main  # noqa: E402
 from dataset import Batches  # noqa: E402
-from diffusion import Schedule, backward_denoise, timesteps  # noqa: E402
+from diffusion import Schedule, backward_denoise, guidance_at, timesteps  # noqa: E402
 from train import Progress, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
 from unet import GroupNorm32, UNet, check_model_config, count_parameters, load_model  # noqa: E402
 
@@ -189,8 +190,7 @@ def samplers(T):
 
 def network_calls(T, steps, guidance, batch):
     """'calls x batch' of one sampling run: a guided step is one call on 2 x batch (label and no label)."""
-    lo, hi = SampleConfig.guidance_interval
-    guided = sum(lo <= t <= hi for t in timesteps(T, steps)) if guidance else 0
+    guided = sum(guidance_at(t, guidance) != 0 for t in timesteps(T, steps))
     return " + ".join(f"{n} x {b}" for n, b in ((steps - guided, batch), (guided, 2 * batch)) if n)
 
 
