@@ -26,6 +26,7 @@ from unet import ConvBlock, UNet, count_parameters, load_model
 
 class LoraLayer(nn.Module):
     """Wraps a frozen nn.Linear `base` (W: in -> out) and adds the trainable detour x A B, times alpha / r."""
+    FACTORS = ("lora_a", "lora_b")         # the trainable tensors, in the order product() takes them
     A_RANK_DIM, B_RANK_DIM = 1, 0          # which axis of lora_a / lora_b is r (apply_lora_files stacks along it)
 
     def __init__(self, base, r=FinetuneConfig.lora_rank, alpha=FinetuneConfig.lora_alpha):
@@ -33,7 +34,8 @@ class LoraLayer(nn.Module):
         if r < 1:
             raise UserError(f"LoRA rank must be >= 1, got {r}")
         self.base, self.r, self.alpha = base, r, alpha
-        self.lora_a, self.lora_b = self.new_factors(base, r)
+        for name, factor in zip(self.FACTORS, self.new_factors(base, r)):
+            setattr(self, name, factor)    # self.lora_a, self.lora_b (and LoraConv2d's lora_m)
         self.scale = 1.0                   # set_lora_scale: 0 = base model only, 1 = adapter as trained
         self.merged = False                # True while delta_weight() is folded into base.weight
         self.unmerged_weight = None        # the original base.weight while merged (to undo exactly)
@@ -58,7 +60,7 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self):
         """The update LoRA adds to base.weight: dW = (A B)^T alpha / r * scale."""
-        return self.product(self.lora_a, self.lora_b) * (self.alpha / self.r * self.scale)
+        return self.product(*(getattr(self, name) for name in self.FACTORS)) * (self.alpha / self.r * self.scale)
 
     @torch.no_grad()
     def merge(self):
@@ -85,18 +87,22 @@ def inject_lora(model, targets=FinetuneConfig.lora_targets, r=FinetuneConfig.lor
     return names
 
 
+def is_lora_tensor(name):
+    """LoRA's own tensors are named lora_*: lora_a, lora_b (and a conv's lora_m)."""
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
 def mark_only_lora_trainable(model):
     """requires_grad = True for LoRA's A and B, False for everything else. (The blog's listing has it
     inverted: it freezes A and B and trains the base.)"""
     for name, p in model.named_parameters():
-        p.requires_grad = name.split(".")[-1] in ("lora_a", "lora_b")
+        p.requires_grad = is_lora_tensor(name)
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def lora_state_dict(model):
     """Only the LoRA tensors, e.g. {'down.0.transformer.attn.Wq.lora_a': ..., ...}."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if k.split(".")[-1] in ("lora_a", "lora_b")}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if is_lora_tensor(k)}
 
 
 def merge_lora(model):
@@ -113,40 +119,47 @@ def merge_lora(model):
 
 
 # ----------------------------------------------------------------------------- beyond the blog: conv layers, more
-# targets, strict loading, scale, unmerging, LoRA files, several adapters at once, the script
+# targets, LoRA+, strict loading, scale, unmerging, LoRA files, several adapters at once, the script
 
 # The names --lora-targets understands: the attention projections Wq, Wk, Wv, Wo; "ff", the two nn.Linear of
 # each Transformer block's feed-forward (ff.0, ff.2); "conv", every nn.Conv2d of a ConvBlock (conv1, conv2, skip);
 # "context", the label embedding (LabelContext.embed: what each label's tokens say). NAME:RANK gives a target
-# its own rank (e.g. conv,context:8); its alpha follows, so that alpha / r is the same for every target.
+# its own rank (e.g. conv:4,context:4); its alpha follows, so that alpha / r is the same for every target.
 TARGETS = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "context")
 
 
 class LoraConv2d(LoraLayer):
-    """Wraps a frozen nn.Conv2d `base` (k x k, in -> out): y = base(x) + B(A(x)) alpha / r, with A a k x k
-    conv in -> r (base's stride and padding, no bias) and B a 1x1 conv r -> out starting at zero. A 1x1 conv
-    after a k x k conv is one k x k conv of rank r, so it merges like LoraLayer. r (in k k + out) numbers train."""
+    """Wraps a frozen nn.Conv2d `base` (k x k, in -> out) and adds a small bottleneck beside it:
+    y = base(x) + B(M(A(x))) alpha / r, with A a 1x1 conv in -> r, M a k x k conv r -> r (base's stride and
+    padding) and B a 1x1 conv r -> out starting at zero. 1x1, k x k, 1x1 convs in a row are one k x k conv,
+    so it merges like LoraLayer: dW[o, i] = sum B[o, r] M[r, s] A[s, i] (a Tucker-2 decomposition of dW,
+    as LyCORIS's LoCon offers for convs). r (in + out) + r^2 k^2 numbers train, where a k x k A would take
+    r (in k^2 + out): at r = 4 a 64 -> 64 conv trains 656 numbers, about what a k x k A takes at r = 1 (640)."""
+    FACTORS = ("lora_a", "lora_m", "lora_b")
     A_RANK_DIM, B_RANK_DIM = 0, 1
 
     def new_factors(self, base, r):
         if base.groups != 1 or base.padding_mode != "zeros":
             raise UserError("LoraConv2d handles plain convolutions only (groups=1, zero padding)")
-        a = nn.Parameter(torch.empty(r, base.in_channels, *base.kernel_size))     # A (r, in, k, k)
+        a = nn.Parameter(torch.empty(r, base.in_channels, 1, 1))                   # A (r, in, 1, 1)
+        m = nn.Parameter(torch.empty(r, r, *base.kernel_size))                     # M (r, r, k, k)
         b = nn.Parameter(torch.zeros(base.out_channels, r, 1, 1))                  # B (out, r, 1, 1)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))   # fan_in = in * k * k, as nn.Conv2d does
-        return a, b
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))   # fan_in = in (A) and r k k (M), as nn.Conv2d does
+        nn.init.kaiming_uniform_(m, a=math.sqrt(5))
+        return a, m, b
 
     def forward(self, x):                  # x (B, in, H, W) -> (B, out, H', W')
         if self.merged or self.scale == 0:
             return self.base(x)
         base = self.base
-        h = F.conv2d(x, self.lora_a, None, base.stride, base.padding, base.dilation)   # (B, r, H', W')
-        return base(x) + F.conv2d(h, self.lora_b) * (self.alpha / self.r * self.scale)
+        h = F.conv2d(F.conv2d(x, self.lora_a), self.lora_m, None, base.stride, base.padding, base.dilation)
+        return base(x) + F.conv2d(h, self.lora_b) * (self.alpha / self.r * self.scale)    # (B, r, H', W') -> out
 
     @staticmethod
-    def product(a, b):
-        """dW[o, i] = sum_r B[o, r] A[r, i]: (out, in, k, k), base.weight's shape."""
-        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+    def product(a, m, b):
+        """dW[o, i] = sum_rs B[o, r] M[r, s] A[s, i]: (out, in, k, k), base.weight's shape. (A zero pad
+        of x is a zero pad of A x, so padding M's input is padding the input.)"""
+        return torch.einsum("or,rskl,si->oikl", b[:, :, 0, 0], m, a[:, :, 0, 0])
 
 
 class LoraEmbedding(LoraLayer):
@@ -168,6 +181,16 @@ class LoraEmbedding(LoraLayer):
     def product(a, b):
         """A B: (num, dim), base.weight's shape (an embedding stores rows, a linear layer columns)."""
         return a @ b
+
+
+def lora_plus_groups(model, lr, b_lr_ratio):
+    """The optimizer's parameter groups for LoRA+ (Hayou et al. 2024): B at b_lr_ratio x lr, A (and a conv's
+    core M) at lr. B starts at zero and A random, so with one lr the update A B grows mostly through B's
+    small steps; LoRA+ shows that a B lr well above A's (they suggest 16) learns faster and better."""
+    tensors = {name: p for name, p in model.named_parameters() if is_lora_tensor(name)}
+    b = [p for name, p in tensors.items() if name.endswith(".lora_b")]
+    rest = [p for name, p in tensors.items() if not name.endswith(".lora_b")]
+    return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * b_lr_ratio}]
 
 
 def lora_layers(model):
@@ -279,7 +302,7 @@ def fingerprint(model):
     (unmerged) model has its base's fingerprint; a merged one has not: its weights changed."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if name.split(".")[-1] in ("lora_a", "lora_b"):
+        if is_lora_tensor(name):
             continue
         h.update(name.replace(".base.", ".").encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.dtype != torch.bfloat16
@@ -321,7 +344,8 @@ def apply_lora_files(model, adapters):
         sum_i w_i (A_i B_i)^T alpha_i / r_i  =  ([A_1 ... A_n] [c_1 B_1; ...; c_n B_n])^T,  c_i = w_i alpha_i / r_i
 
     so the combined layer has alpha = r (alpha / r = 1), and scale, merge_lora and unmerge_lora work
-    for it exactly as for one adapter. (A conv stacks A's output channels and B's input channels.)"""
+    for it exactly as for one adapter. (A conv stacks A's output channels and B's input channels, and
+    puts the cores M on the diagonal of its core.)"""
     probes, files = [], []
     for path, weight in adapters:           # every check of apply_lora_file, on a throwaway copy
         probe = copy.deepcopy(model)
@@ -336,6 +360,11 @@ def apply_lora_files(model, adapters):
         with torch.no_grad():
             layer.lora_a.copy_(torch.cat([m.lora_a for m, _ in parts], dim=layer.A_RANK_DIM))
             layer.lora_b.copy_(torch.cat([m.lora_b * (w * m.alpha / m.r) for m, w in parts], dim=layer.B_RANK_DIM))
+            if isinstance(layer, LoraConv2d):   # the cores M block-diagonally: each mixes only its own r channels
+                layer.lora_m.zero_()
+                ends = torch.tensor([m.r for m, _ in parts]).cumsum(0).tolist()
+                for (m, _), end in zip(parts, ends):
+                    layer.lora_m[end - m.r:end, end - m.r:end] = m.lora_m
     return files
 
 
@@ -351,9 +380,10 @@ def inspect(path, base_path=None, weights="ema"):
     print(f"{'layer':40s} {'dW shape':>18s} {'||dW||':>9s}" + (f" {'||W||':>9s} {'||dW||/||W||':>13s}" if base else ""))
     total_sq = 0.0
     for layer in f["layers"]:
-        a, b = f["lora"][f"{layer}.lora_a"].float(), f["lora"][f"{layer}.lora_b"].float()
+        a = f["lora"][f"{layer}.lora_a"]
         kind = LoraConv2d if a.dim() == 4 else LoraEmbedding if layer.endswith(".embed") else LoraLayer
-        delta = kind.product(a, b) * (f["alpha"] / f["rank"])        # alpha / r: the same for every target
+        factors = (f["lora"][f"{layer}.{name}"].float() for name in kind.FACTORS)
+        delta = kind.product(*factors) * (f["alpha"] / f["rank"])    # alpha / r: the same for every target
         norm = delta.norm().item()                           # Frobenius: sqrt(sum of squares)
         total_sq += norm ** 2
         line = f"{layer:40s} {str(tuple(delta.shape)):>18s} {norm:9.4f}"

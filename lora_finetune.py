@@ -18,7 +18,7 @@ from config import (FinetuneConfig, UserError, add_config_flags, atomic_save, ch
 from dataset import Batches, load_images
 from diffusion import Schedule
 from lora import (check_base_fingerprint, check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
-                  mark_only_lora_trainable)
+                  lora_plus_groups, mark_only_lora_trainable)
 from train import (EMA, Progress, adamw, checkpoint_dict, end_distributed, finish_run, fit, lr_schedule,
                    resolve_train_config, restore_training_state, run_parser, setup_distributed, training_state)
 from unet import count_parameters, load_model
@@ -50,10 +50,12 @@ def main():
     else:                  # only the LoRA A and B train
         names = inject_lora(model, tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha)
         params = mark_only_lora_trainable(model)
-        what = f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers ({', '.join(tcfg.lora_targets)})"
+        what = (f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers "
+                f"({', '.join(tcfg.lora_targets)}), B's lr {tcfg.lora_b_lr_ratio:g} x A's")
     model.train()
     # no weight decay in either mode: it would pull the trained base weights (or A) towards zero
-    optimizer = adamw(params, tcfg.lr, device, weight_decay=0.0)
+    groups = params if args.full else lora_plus_groups(model, tcfg.lr, tcfg.lora_b_lr_ratio)
+    optimizer = adamw(groups, tcfg.lr, device, weight_decay=0.0)
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     progress = Progress()
     if state:
@@ -111,7 +113,7 @@ def parse_args():
     group = parser.add_argument_group("fine-tuning")
     add_config_flags(group, FinetuneConfig(),
                      only=("batch_size", "lr", "warmup_steps", "max_steps", "p_uncond", "seed", "precision",
-                           "lora_rank", "lora_alpha", "lora_targets"),
+                           "lora_rank", "lora_alpha", "lora_b_lr_ratio", "lora_targets"),
                      aliases={"lora_rank": "--rank", "lora_alpha": "--alpha", "lora_targets": "--targets"})
     args = parser.parse_args()
     if args.out is None:

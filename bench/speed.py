@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from config import ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save, autocast_dtype, run_main  # noqa: E402
+from config import (FinetuneConfig, ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save,  # noqa: E402
+                    autocast_dtype, run_main)
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise, guidance_at, timesteps  # noqa: E402
 from train import Progress, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
@@ -220,7 +221,8 @@ def measure_sampling(plan, checkpoint, device):
 
 def lora_setups():
     """[(name, targets, rank)] of the adapters whose sampling cost is measured."""
-    return [("Wq,Wk,Wv r=4", ("Wq", "Wk", "Wv"), 4), ("all targets r=8", ("Wq", "Wk", "Wv", "Wo", "ff", "conv"), 8)]
+    return [("Wq,Wk,Wv r=4", ("Wq", "Wk", "Wv"), 4),
+            ("the default adapter", FinetuneConfig.lora_targets, FinetuneConfig.lora_rank)]
 
 
 def measure_lora_sampling(plan, checkpoint, device):

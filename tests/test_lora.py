@@ -5,7 +5,7 @@ from torch import nn
 
 from config import UserError
 from conftest import tiny_batch
-from lora import (LoraLayer, fingerprint, inject_lora, load_lora_state_dict, lora_state_dict,
+from lora import (LoraLayer, fingerprint, inject_lora, load_lora_state_dict, lora_plus_groups, lora_state_dict,
                   mark_only_lora_trainable, merge_lora, unwrap_lora)
 from train import train_step
 from diffusion import Schedule
@@ -48,7 +48,7 @@ def test_only_lora_trains(tiny_model, tiny_cfg):
     inject_lora(tiny_model, TARGETS, r=2, alpha=2.0)
     trainable = mark_only_lora_trainable(tiny_model)
     grad_names = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
-    lora_names = {n for n, _ in tiny_model.named_parameters() if n.split(".")[-1] in ("lora_a", "lora_b")}
+    lora_names = {n for n, _ in tiny_model.named_parameters() if n.split(".")[-1] in ("lora_a", "lora_m", "lora_b")}
     assert grad_names == lora_names and len(lora_names) > 0
     assert {id(p) for p in trainable} == {id(p) for n, p in tiny_model.named_parameters() if n in lora_names}
 
@@ -65,6 +65,34 @@ def test_only_lora_trains(tiny_model, tiny_cfg):
             assert not torch.equal(p, before[name]), f"{name} did not change"
         else:
             assert torch.equal(p, before[name]), f"frozen {name} changed"
+
+
+@pytest.mark.parametrize("ratio", [1.0, 16.0])
+def test_lora_plus_moves_b_ratio_times_as_far(tiny_model, tiny_cfg, ratio):
+    """lora_plus_groups: every trainable LoRA tensor in exactly one group, B (lora_b) at ratio x lr, A and
+    a conv's core M at lr; AdamW's first step moves each entry by its group's lr (|m / sqrt(v)| = 1), so
+    B moves ratio x as far as with one lr, and A and M (zero gradient while B = 0) wait for B."""
+    inject_lora(tiny_model, ("Wq", "Wv", "conv"), r=2, alpha=2.0)
+    trainable = mark_only_lora_trainable(tiny_model)
+    groups = lora_plus_groups(tiny_model, 1e-3, ratio)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    grouped = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(names[id(p)] for p in trainable) and len(set(grouped)) == len(grouped)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3 * ratio]
+    assert all(n.endswith(".lora_b") for n in map(names.get, map(id, groups[1]["params"])))
+    assert any(n.endswith(".lora_m") for n in grouped) and any(n.endswith(".lora_a") for n in grouped)
+
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+    x0, _, labels = tiny_batch(tiny_cfg, 4)
+    torch.manual_seed(0)
+    train_step(tiny_model, optimizer, Schedule.from_config(tiny_cfg), x0.clamp(-1, 1), labels, p_uncond=0.0)
+    for n, p in tiny_model.named_parameters():
+        step = (p.detach() - before[n]).abs().max().item()
+        if n.endswith(".lora_b"):
+            assert step == pytest.approx(1e-3 * ratio, rel=1e-3), n
+        elif n.split(".")[-1].startswith("lora_"):
+            assert step == 0.0, n
 
 
 def test_merge_matches_unmerged_and_unwrap_removes_lora_layers(tiny_model, tiny_cfg):

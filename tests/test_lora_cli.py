@@ -3,7 +3,7 @@ import torch
 
 from conftest import (INTERRUPT_AFTER, LORA_RANK, check_ok, check_user_error, run_python, run_script,
                       sha256)
-from lora import apply_lora_file, fingerprint, inject_lora, lora_layers, lora_state_dict
+from lora import apply_lora_file, fingerprint, inject_lora, lora_layers, lora_state_dict, target_of, target_ranks
 from unet import load_model
 
 
@@ -35,16 +35,16 @@ def load(path):
 
 
 def test_lora_file_holds_only_lora_tensors(lora_run, base_run):
-    """The 'lora' dict holds exactly the A and B of every adapted layer (rank as asked); the finished run's
+    """The 'lora' dict holds exactly the A and B (and a conv's core M) of every adapted layer (rank as asked); the finished run's
     file holds no other tensor (no optimizer state); no key anywhere in the file is a base-model weight's
     name; and the file is much smaller than the base checkpoint."""
     f = load(lora_run["lora"])
     assert f["kind"] == "lora" and f["rank"] == LORA_RANK
     assert f["lora"], "no LoRA tensors saved"
-    assert all(k.endswith((".lora_a", ".lora_b")) for k in f["lora"])
-    assert set(f["lora"]) == {f"{layer}.{ab}" for layer in f["layers"] for ab in ("lora_a", "lora_b")}
     model, _ = load_model(str(base_run["ckpt"]), "ema")          # the layers and shapes its targets give
     assert f["layers"] == inject_lora(model, tuple(f["targets"]), LORA_RANK, f["alpha"])
+    factors = {f"{name}.{factor}" for name, m in lora_layers(model).items() for factor in m.FACTORS}
+    assert set(f["lora"]) == factors and all(k.endswith((".lora_a", ".lora_m", ".lora_b")) for k in factors)
     assert {k: v.shape for k, v in f["lora"].items()} == {k: v.shape for k, v in lora_state_dict(model).items()}
     assert {p for p, _ in tensors_in(f)} == {f"/lora/{k}" for k in f["lora"]}
     assert "optimizer" not in f and f["step"] == f["train_config"]["max_steps"] == len(f["losses"])
@@ -70,7 +70,10 @@ def test_lora_training_changed_b_and_applies_to_its_base(lora_run, base_run):
     apply_lora_file(model, str(lora_run["lora"]))
     layers = lora_layers(model)
     assert list(layers) == f["layers"]
-    assert {m.r for name, m in layers.items() if name != "context.embed"} == {LORA_RANK}   # (context: its own)
+    ranks = target_ranks(f["targets"], LORA_RANK)       # NAME:RANK targets (conv:4, context:4) keep their own
+    assert {name: m.r for name, m in layers.items()} == {
+        name: ranks[target_of(model, name, m.base)] for name, m in layers.items()}
+    assert LORA_RANK in ranks.values()
 
 
 def test_finetuning_leaves_base_checkpoint_bytes_unchanged(lora_run, base_run):

@@ -107,7 +107,7 @@ def test_merging_twice_is_refused(tiny_model, tiny_cfg):
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, 1)])
 def test_conv_lora_starts_at_zero_and_merges(kernel, stride, padding):
     """LoraConv2d: output unchanged at init (B = 0), and with a random B the merged conv
-    W + einsum(B, A) alpha/r gives the unmerged output within 1e-5."""
+    W + einsum(B, M, A) alpha/r gives the unmerged output within 1e-5 (stride and padding included)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 8, kernel, stride=stride, padding=padding)
     x = torch.randn(2, 6, 9, 9)
@@ -115,7 +115,9 @@ def test_conv_lora_starts_at_zero_and_merges(kernel, stride, padding):
         before = conv(x)
         layer = LoraConv2d(conv, r=3, alpha=6.0)
         assert torch.equal(layer(x), before)
-        assert layer.lora_a.shape == (3, 6, kernel, kernel) and layer.lora_b.shape == (8, 3, 1, 1)
+        assert layer.lora_a.shape == (3, 6, 1, 1) and layer.lora_m.shape == (3, 3, kernel, kernel)
+        assert layer.lora_b.shape == (8, 3, 1, 1)
+        assert sum(p.numel() for p in (layer.lora_a, layer.lora_m, layer.lora_b)) == 3 * (6 + 8) + 9 * kernel ** 2
         layer.lora_b.copy_(0.1 * torch.randn(layer.lora_b.shape))
         unmerged = layer(x)
         assert (unmerged - before).abs().max() > 1e-3
@@ -188,11 +190,11 @@ def test_conv_and_ff_lora_files_round_trip(tiny_model, tiny_cfg, tmp_path):
 
 def test_two_adapters_combine_with_their_weights(tiny_model, tiny_cfg, tmp_path):
     """--lora a.pt:0.7 --lora b.pt:0.5: each layer's update is 0.7 dW_a + 0.5 dW_b (a layer only one
-    adapter has gets only its part), the output equals the base with those updates added to W, and
-    --lora-scale multiplies the sum."""
+    adapter has gets only its part; both adapt the convs, whose cores M are stacked block-diagonally),
+    the output equals the base with those updates added to W, and --lora-scale multiplies the sum."""
     base_print = fingerprint(tiny_model)
     adapters = {}
-    for name, targets, r, alpha, seed in (("a", ("Wq", "Wv"), 2, 4.0, 1), ("b", ("Wv", "conv"), 3, 3.0, 2)):
+    for name, targets, r, alpha, seed in (("a", ("Wq", "Wv", "conv"), 2, 4.0, 1), ("b", ("Wv", "conv"), 3, 3.0, 2)):
         model = fresh(tiny_cfg)
         layers = inject_lora(model, targets, r, alpha)
         randomise(model, seed)
@@ -228,7 +230,7 @@ def test_default_adapter_file_is_only_lora_and_small(lora_run, base_run):
     base checkpoint (which carries optimizer state and the EMA too)."""
     f = torch.load(lora_run["lora"], map_location="cpu", weights_only=True)
     assert f["targets"] == list(FinetuneConfig.lora_targets)
-    assert f["lora"] and all(k.endswith((".lora_a", ".lora_b")) for k in f["lora"])
+    assert f["lora"] and all(k.endswith((".lora_a", ".lora_m", ".lora_b")) for k in f["lora"])
     assert lora_run["lora"].stat().st_size * 4 < base_run["ckpt"].stat().st_size
     assert "training" in lora_run["result"].stdout and "%" in lora_run["result"].stdout
 
