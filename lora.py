@@ -375,15 +375,20 @@ def inspect(path, base_path=None, weights="ema"):
     base = load_model(base_path, weights)[0] if base_path else None
     if base is not None:
         check_base_fingerprint(f, path, fingerprint(base), f"{base_path} ({weights} weights)")
+    deltas = {}                                              # every layer's dW, before printing any
+    for layer in f["layers"]:
+        a = f["lora"].get(f"{layer}.lora_a")
+        kind = LoraConv2d if a is not None and a.dim() == 4 else LoraEmbedding if layer.endswith(".embed") else LoraLayer
+        missing = [name for name in kind.FACTORS if f"{layer}.{name}" not in f["lora"]]
+        if missing:    # e.g. a conv adapter saved before LoraConv2d had its core lora_m
+            raise UserError(f"{path} has no {layer}.{missing[0]}: not a LoRA file of this version of lora.py")
+        factors = (f["lora"][f"{layer}.{name}"].float() for name in kind.FACTORS)
+        deltas[layer] = kind.product(*factors) * (f["alpha"] / f["rank"])    # alpha / r: the same for every target
     print(f"{path}: rank {f['rank']}, alpha {f['alpha']}, targets {','.join(f['targets'])}, "
           f"{len(f['layers'])} layers")
     print(f"{'layer':40s} {'dW shape':>18s} {'||dW||':>9s}" + (f" {'||W||':>9s} {'||dW||/||W||':>13s}" if base else ""))
     total_sq = 0.0
-    for layer in f["layers"]:
-        a = f["lora"][f"{layer}.lora_a"]
-        kind = LoraConv2d if a.dim() == 4 else LoraEmbedding if layer.endswith(".embed") else LoraLayer
-        factors = (f["lora"][f"{layer}.{name}"].float() for name in kind.FACTORS)
-        delta = kind.product(*factors) * (f["alpha"] / f["rank"])    # alpha / r: the same for every target
+    for layer, delta in deltas.items():
         norm = delta.norm().item()                           # Frobenius: sqrt(sum of squares)
         total_sq += norm ** 2
         line = f"{layer:40s} {str(tuple(delta.shape)):>18s} {norm:9.4f}"

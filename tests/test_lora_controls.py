@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from config import FinetuneConfig, UserError, autocast_dtype
-from conftest import check_ok, run_script, tiny_batch
+from conftest import check_ok, check_user_error, run_script, tiny_batch
 from lora import (LoraConv2d, LoraEmbedding, LoraLayer, apply_lora_file, apply_lora_files, fingerprint, inject_lora,
                   lora_file_dict, lora_layers, lora_state_dict, merge_lora, set_lora_scale, unmerge_lora)
 from unet import load_model
@@ -245,6 +245,22 @@ def test_inspect_prints_one_line_per_layer(lora_run, base_run):
     total = out.splitlines()[-1]
     n = sum(t.numel() for t in f["lora"].values())
     assert total.startswith("total:") and f"{n:,d} LoRA parameters" in total and "KiB" in total
+
+
+def test_inspect_refuses_a_conv_adapter_without_its_core(lora_run, base_run, tmp_path):
+    """A conv adapter saved before LoraConv2d had its core M (no lora_m): lora.py --inspect and denoise.py
+    --lora each stop with one line and exit 2, before printing any layer."""
+    f = torch.load(lora_run["lora"], map_location="cpu", weights_only=True)
+    core = next(k for k in f["lora"] if k.endswith(".lora_m"))
+    del f["lora"][core]
+    torch.save(f, tmp_path / "old.pt")
+    result = run_script("lora.py", "--inspect", tmp_path / "old.pt")
+    check_user_error(result, core)
+    assert result.stdout == ""
+    result = run_script("denoise.py", "--checkpoint", base_run["ckpt"], "--lora", tmp_path / "old.pt",
+                        "--per-label", 1, "--out-dir", tmp_path / "out")
+    check_user_error(result, "do not fit", "missing")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_full_finetune_writes_a_loadable_model_checkpoint(base_run, image_folder, tmp_path):
