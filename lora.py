@@ -378,7 +378,8 @@ def inspect(path, base_path=None, weights="ema"):
     deltas = {}                                              # every layer's dW, before printing any
     for layer in f["layers"]:
         a = f["lora"].get(f"{layer}.lora_a")
-        kind = LoraConv2d if a is not None and a.dim() == 4 else LoraEmbedding if layer.endswith(".embed") else LoraLayer
+        is_conv = a is not None and a.dim() == 4
+        kind = LoraConv2d if is_conv else LoraEmbedding if layer.endswith(".embed") else LoraLayer
         missing = [name for name in kind.FACTORS if f"{layer}.{name}" not in f["lora"]]
         if missing:    # e.g. a conv adapter saved before LoraConv2d had its core lora_m
             raise UserError(f"{path} has no {layer}.{missing[0]}: not a LoRA file of this version of lora.py")

@@ -35,9 +35,9 @@ def load(path):
 
 
 def test_lora_file_holds_only_lora_tensors(lora_run, base_run):
-    """The 'lora' dict holds exactly the A and B (and a conv's core M) of every adapted layer (rank as asked); the finished run's
-    file holds no other tensor (no optimizer state); no key anywhere in the file is a base-model weight's
-    name; and the file is much smaller than the base checkpoint."""
+    """The 'lora' dict holds exactly the A and B (and a conv's core M) of every adapted layer (rank as
+    asked); the finished run's file holds no other tensor (no optimizer state); no key anywhere in the file
+    is a base-model weight's name; and the file is much smaller than the base checkpoint."""
     f = load(lora_run["lora"])
     assert f["kind"] == "lora" and f["rank"] == LORA_RANK
     assert f["lora"], "no LoRA tensors saved"
