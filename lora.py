@@ -362,9 +362,10 @@ def apply_lora_files(model, adapters):
             layer.lora_b.copy_(torch.cat([m.lora_b * (w * m.alpha / m.r) for m, w in parts], dim=layer.B_RANK_DIM))
             if isinstance(layer, LoraConv2d):   # the cores M block-diagonally: each mixes only its own r channels
                 layer.lora_m.zero_()
-                ends = torch.tensor([m.r for m, _ in parts]).cumsum(0).tolist()
-                for (m, _), end in zip(parts, ends):
-                    layer.lora_m[end - m.r:end, end - m.r:end] = m.lora_m
+                start = 0
+                for m, _ in parts:
+                    layer.lora_m[start:start + m.r, start:start + m.r] = m.lora_m
+                    start += m.r
     return files
 
 

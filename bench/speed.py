@@ -22,8 +22,8 @@ and each table shows the median round, with the fastest and slowest round in bra
    libraries (target: <= 5 s).
    With --parts lora: the default sampler (config.SampleConfig, precision auto) for the base model, for the
    model with a LoRA adapter (unmerged: every adapted layer computes its detour), and for the same
-   adapter merged into the weights, once with the blog's targets (Wq,Wk,Wv, rank 4) and once with every
-   target at rank 8. Target: merged costs what the base costs.
+   adapter merged into the weights, once with the blog's targets (Wq,Wk,Wv, rank 4) and once with the
+   default adapter (config.FinetuneConfig). Target: merged costs what the base costs.
 3. Peak memory: peak resident set size (Linux VmHWM) of a fresh Python process that builds the model
    and AdamW and runs a few training steps; the baseline process only imports torch and the project.
 """
