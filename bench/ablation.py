@@ -1,7 +1,7 @@
 """Which training and sampling changes pay on OUR model? Trains each variant with train.py, samples the
 same 1,000 digits (same seed) from each, and scores them with bench/evaluate.py.
 
-    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 7 models)
+    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 9 models)
     python bench/ablation.py --data ../shared/data/mnist-t10k --jobs 2     # two trainings at a time, 1 thread each
     python bench/ablation.py --data ../shared/data/mnist-t10k --only default-seed1   # train just these runs
 
@@ -9,8 +9,9 @@ A run whose folder (bench/.ablation/NAME) already holds a finished model.pt and 
 an interrupted ablation continues where it stopped. train.json records the command and its wall-clock
 time (with --jobs 2 each training shares the 2 cores with another: its time is not a quiet run's).
 
-Rows: the new defaults (two training seeds), each training change switched off alone, each sampling change
-switched off alone on the default model, and the old defaults (eps-prediction and the plain MSE of the
+Rows: the new defaults (two training seeds), the previous defaults (min-SNR gamma 5, guidance 1.25; two
+seeds) with each of their training changes switched off alone, each sampling change switched off alone on the
+default model, and the old defaults (eps-prediction and the plain MSE of the
 blog, the Transformer block in every conv block, 3,400 steps of batch 128, DDIM-25 with guidance 1.5 at
 every step).
 """
@@ -33,31 +34,42 @@ from bench.knobs import Variant, sample  # noqa: E402
 from config import UserError, number, run_main  # noqa: E402
 from unet import load_model  # noqa: E402
 
-# training variants: run name -> train.py flags on top of the defaults
+# training variants: run name -> train.py flags on top of the defaults. The rows that switch one older change
+# off were trained on the previous default (min-SNR gamma 5, sampled at w 1.25) and are compared with it.
+GAMMA_5 = ["--min-snr-gamma", "5"]
 TRAININGS = {
     "default": [],
     "default-seed1": ["--seed", "1"],
+    "min-snr-5": GAMMA_5,
+    "min-snr-5-seed1": [*GAMMA_5, "--seed", "1"],
     "no-min-snr": ["--min-snr-gamma", "0"],
-    "eps-prediction": ["--prediction", "eps"],
-    "attention-everywhere": ["--attention-from", "0"],
-    "batch-128": ["--batch-size", "128", "--max-steps", "2600"],
+    "eps-prediction": [*GAMMA_5, "--prediction", "eps"],
+    "attention-everywhere": [*GAMMA_5, "--attention-from", "0"],
+    "batch-128": [*GAMMA_5, "--batch-size", "128", "--max-steps", "2600"],
     "blog-ddpm": ["--prediction", "eps", "--min-snr-gamma", "0", "--attention-from", "0", "--batch-size", "128",
                   "--max-steps", "3400"],
 }
 EVERY_STEP = (0, 10 ** 9)                                   # a guidance interval that holds every t
 OLD_SAMPLING = Variant(sampler="ddim", steps=25, guidance=1.5, guidance_interval=EVERY_STEP)
 # table rows: (change, variant, training run, sampling settings on top of SampleConfig's)
+PREVIOUS = Variant(guidance=1.25)                           # the previous default's sampling
 ROWS = [
     ("new defaults", "training seed 0", "default", Variant()),
     ("", "training seed 1", "default-seed1", Variant()),
-    ("batch 64, 3,000 steps", "off: batch 128, 2,600 steps (the previous default)", "batch-128", Variant()),
-    ("min-SNR loss weighting", "off", "no-min-snr", Variant()),
-    ("v-prediction", "off (eps-prediction)", "eps-prediction", Variant()),
-    ("no Transformer block at 14x14", "off: in every block (the blog's)", "attention-everywhere", Variant()),
+    ("min-SNR gamma 1, w 1", "off: gamma 5, w 1.25 (the previous default)", "min-snr-5", PREVIOUS),
+    ("", "off, training seed 1", "min-snr-5-seed1", PREVIOUS),
+    ("", "gamma 5, w 1", "min-snr-5", Variant()),
+    ("", "gamma 1, w 1.25", "default", PREVIOUS),
+    ("min-SNR loss weighting", "off (gamma 0)", "no-min-snr", Variant()),
+    ("", "off (gamma 0), w 1.25", "no-min-snr", PREVIOUS),
+    ("batch 64, 3,000 steps", "off: batch 128, 2,600 steps (gamma 5, w 1.25)", "batch-128", PREVIOUS),
+    ("v-prediction", "off: eps-prediction (gamma 5, w 1.25)", "eps-prediction", PREVIOUS),
+    ("no Transformer block at 14x14", "off: in every block, the blog's (gamma 5, w 1.25)", "attention-everywhere",
+     PREVIOUS),
     ("guidance interval", "off: the same w at every step", "default", Variant(guidance_interval=EVERY_STEP)),
-    ("guidance weight", "w 1", "default", Variant(guidance=1.0)),
-    ("", "w 1.5", "default", Variant(guidance=1.5)),
-    ("DDIM with 20 steps", "off: 25 steps (the previous default)", "default", Variant(steps=25)),
+    ("guidance weight", "w 0.75", "default", Variant(guidance=0.75)),
+    ("", "w 1.1", "default", Variant(guidance=1.1)),
+    ("DDIM with 20 steps", "off: 25 steps", "default", Variant(steps=25)),
     ("", "seed 1 model, 25 steps", "default-seed1", Variant(steps=25)),
     ("sampler", "DPM-Solver++(2M), 15 steps", "default", Variant(sampler="dpm++", steps=15)),
     ("old defaults", "eps, plain MSE, attention everywhere, 3,400 steps of 128; w 1.5 at every step", "blog-ddpm",
