@@ -4,6 +4,7 @@ Usage (from the project root):
 
     python bench/evaluate.py SAMPLES.pt                      # MNIST, human-readable report
     python bench/evaluate.py SAMPLES.pt --domain fashion --json
+    python bench/evaluate.py --export-train-split DIR        # the classifier's 8,000 digits, for train.py --data
 
 SAMPLES.pt is a file written with
     torch.save({"images": uint8 (N,1,28,28) 0..255 white-on-black, "labels": int64 (N,)}, path)
@@ -12,7 +13,8 @@ where labels[i] is the class that sample i was *asked* to be.
 Options: --domain mnist|fashion, --data-root (default ../shared/data),
 --mnist-folder (default <data-root>/mnist-t10k, an ImageFolder of PNGs), --cache-dir
 (default bench/.cache), --seed (data split, classifier training, floor draws), --threads
-(torch threads, default 1), --retrain, --json (one JSON line instead of the report).
+(torch threads, default 1), --retrain, --json (one JSON line instead of the report),
+--export-train-split DIR (write the classifier-training split as PNGs instead of scoring).
 
 This file deliberately imports nothing from the project, so it judges the generator from
 the outside. The first run for a domain trains a small CNN (about a minute on one CPU
@@ -22,6 +24,8 @@ Real data: MNIST here is only the 10,000-image test split (as PNGs): a fixed, se
 gives 8,000 images to train the classifier and 2,000 held out. (If that folder is missing
 and torchvision's MNIST files exist under --data-root/MNIST/raw, its 60k train / 10k test
 split is used instead.) Fashion-MNIST: train split (60k) trains, test split (10k) is held out.
+A generator trained on the whole t10k folder has seen the 2,000 held-out digits; one trained on
+the folder that --export-train-split writes has not, so its FD cannot come from remembering them.
 
 What the numbers mean:
   accuracy    share of samples the classifier puts in the class they were asked for
@@ -43,13 +47,16 @@ import gzip
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image  # comes with torchvision
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
@@ -151,8 +158,6 @@ def _idx_split(folder, prefix):
 
 def _load_png_folder(folder, cache_dir):
     """All images of an ImageFolder of 28x28 PNGs (folders 0..9) as one uint8 tensor, cached."""
-    from PIL import Image  # comes with torchvision
-
     folder = Path(folder).resolve()
     cache = Path(cache_dir) / "mnist_folder_uint8.pt"
     if cache.is_file():
@@ -217,6 +222,30 @@ def load_real(domain, data_root=None, mnist_folder=None, cache_dir=None, seed=0)
     held, train = perm[:n_held], perm[n_held:]
     return dict(train_x=x[train], train_y=y[train], held_x=x[held], held_y=y[held],
                 source=f"MNIST folder {folder} ({len(train)} -> classifier, {n_held} -> held out)")
+
+
+def export_train_split(out_dir, data_root=None, mnist_folder=None, cache_dir=None, seed=0):
+    """Write the classifier-training split as an ImageFolder of PNGs (out_dir/<label>/<i>.png) for
+    `train.py --data out_dir`. A generator trained on it has never seen the held-out digits that FD compares
+    its samples with, so its distance cannot come from remembering them. Written into a temporary folder
+    beside out_dir and renamed at the end: an interrupted export leaves no half-filled out_dir."""
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty folder; name a new one (nothing was written)")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent} is not a folder (nothing was written)")
+    real = load_real("mnist", data_root, mnist_folder, cache_dir, seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for i, (image, label) in enumerate(zip(real["train_x"], real["train_y"].tolist())):
+            (tmp / str(label)).mkdir(exist_ok=True)
+            Image.fromarray(image[0].numpy()).save(tmp / str(label) / f"{i:05d}.png")
+        if out.exists():
+            out.rmdir()                                    # (empty, checked above)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)             # (gone after the rename)
+    return len(real["train_x"]), real["source"]
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -520,7 +549,7 @@ def whole(lo, hi):
 def main(argv=None):
     p = OneLineParser(description="Score generated 28x28 samples with an independent "
                       "classifier: label accuracy and Frechet distance vs real data.")
-    p.add_argument("samples", help="torch.save'd dict {'images': uint8 (N,1,28,28), 'labels': int64 (N,)}")
+    p.add_argument("samples", nargs="?", help="torch.save'd dict {'images': uint8 (N,1,28,28), 'labels': int64 (N,)}")
     p.add_argument("--domain", choices=DOMAINS, default="mnist")
     p.add_argument("--data-root", default=None, help=f"default {DEFAULT_DATA_ROOT} (../shared/data)")
     p.add_argument("--mnist-folder", default=None, help="ImageFolder of MNIST PNGs "
@@ -530,9 +559,21 @@ def main(argv=None):
     p.add_argument("--threads", type=whole(1, 1024), default=1, help="torch threads, in 1..1024 (default 1)")
     p.add_argument("--retrain", action="store_true", help="ignore a cached classifier")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
+    p.add_argument("--export-train-split", metavar="DIR", help="instead of scoring: write the digits the "
+                   "classifier trains on (MNIST) as a new folder of PNGs, to train a generator on with "
+                   "train.py --data DIR (then the held-out digits are new to it too)")
     a = p.parse_args(argv)
+    if (a.samples is None) == (a.export_train_split is None):
+        p.error("give a samples file to score, or --export-train-split DIR (not both)")
+    if a.export_train_split is not None and a.domain != "mnist":
+        p.error("--export-train-split is for --domain mnist (Fashion-MNIST's own train split is the one to use)")
     torch.set_num_threads(a.threads)
     try:
+        if a.export_train_split is not None:
+            n, source = export_train_split(a.export_train_split, a.data_root, a.mnist_folder, a.cache_dir, a.seed)
+            print(f"wrote {n} digits to {a.export_train_split} ({source}); train on them with "
+                  f"train.py --data {a.export_train_split}")
+            return 0
         images, labels = load_samples(a.samples)
         clf = load_classifier(a.domain, a.data_root, a.mnist_folder, a.cache_dir, a.seed,
                               retrain=a.retrain, verbose=True)

@@ -132,3 +132,46 @@ def test_main_missing_real_data_is_one_line_and_exit_2(tmp_path, capsys):
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert out == "" and len(lines) == 1 and lines[0].startswith("error: "), err
+
+
+def _fake_mnist_folder(root, per_label=5):
+    """An ImageFolder of random 28x28 PNGs, per_label in each of 0..9 (distinct images)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True)
+        for i in range(per_label):
+            pixels = torch.randint(0, 256, (28, 28), generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / str(label) / f"{i}.png")
+    return root
+
+
+def _rows(images, labels):
+    return sorted((bytes(x.flatten().tolist()), int(y)) for x, y in zip(images, labels))
+
+
+def test_export_train_split_writes_the_classifier_split_and_no_held_out_digit(tmp_path, capsys):
+    folder = _fake_mnist_folder(tmp_path / "digits")
+    out = tmp_path / "train-split"
+    assert ev.main(["--export-train-split", str(out), "--mnist-folder", str(folder),
+                    "--cache-dir", str(tmp_path / "cache")]) == 0
+    real = ev.load_real("mnist", mnist_folder=folder, cache_dir=tmp_path / "cache")
+    written = ev._load_png_folder(out, tmp_path / "cache2")
+    assert _rows(*written) == _rows(real["train_x"], real["train_y"])          # 40 of the 50, as PNGs
+    assert len(written[0]) == 40
+    held = set(_rows(real["held_x"], real["held_y"]))
+    assert held and not held & set(_rows(*written))
+    assert "wrote 40 digits" in capsys.readouterr().out
+
+
+def test_export_train_split_refuses_a_folder_with_files_and_keeps_them(tmp_path, capsys):
+    folder = _fake_mnist_folder(tmp_path / "digits")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert ev.main(["--export-train-split", str(out), "--mnist-folder", str(folder),
+                    "--cache-dir", str(tmp_path / "cache")]) == 2
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "mine"]      # no temporary folder left
