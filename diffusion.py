@@ -58,7 +58,7 @@ def ddpm_step(sched, x_t, t, eps, generator=None):
     return mean + sched.posterior_variance[t].sqrt() * z
 
 
-@torch.no_grad()
+@torch.inference_mode()   # no_grad without autograd's bookkeeping: sampling about a tenth faster (README)
 def backward_denoise(model, sched, labels, sampler=SampleConfig.sampler, steps=None, eta=SampleConfig.eta,
                      guidance=SampleConfig.guidance, generator=None, keep=0, dtype=None,
                      guidance_interval=SampleConfig.guidance_interval):

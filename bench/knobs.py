@@ -7,7 +7,7 @@ scored by bench/evaluate.py, so the rows differ only in the knob.
 The knobs, each against the same baseline (config.SampleConfig, EMA weights: what denoise.py does):
   classifier-free guidance   the default w vs 0 (off)
   EMA weights                EMA vs the raw weights of the last training step
-  sampler steps              DDIM with 10 / 20 / 25 / 50 / 100 steps (and DDPM with all T, --with-ddpm)
+  sampler steps              DDIM with 8 / 10 / 12 / 15 / 20 / 50 steps (and DDPM with all T, --with-ddpm)
   guidance weight            w = 1 / default / 2
 (bench/ablation.py trains models too, and compares the training changes; it samples with Variant and sample.)
 
@@ -56,7 +56,7 @@ BASE = Variant()
 
 def knob_groups(T, with_ddpm):
     """[(knob, [(row name, Variant), ...]), ...]: each group compares one knob against the baseline."""
-    steps = [(f"DDIM-{n}", Variant(steps=n)) for n in (10, 20, 25, 50, 100) if n <= T]
+    steps = [(f"DDIM-{n}", Variant(steps=n)) for n in (8, 10, 12, 15, 20, 50) if n <= T]
     if with_ddpm:
         steps.append((f"DDPM-{T}", Variant(sampler="ddpm", steps=T)))
     default = f"guidance {BASE.guidance:g}"

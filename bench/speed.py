@@ -14,7 +14,7 @@ and each table shows the median round, with the fastest and slowest round in bra
    context token) built by our own unet.py, in fp32 at the tutorial's batch of 64. Images/s make the
    batch sizes comparable; "x tutorial" is the speed-up (target: >= 20x).
 2. Sampling 100 digits (10 per label) with diffusion.backward_denoise at denoise.py's precision: DDPM-1000,
-   DDIM-50, DDIM-50 with guidance 2, denoise.py's default sampler and the same with 25 steps; guidance
+   DDIM-50, DDIM-50 with guidance 2, denoise.py's default sampler and the same with 20 steps; guidance
    applies on config.SampleConfig's interval, one batched forward of 200 per guided step (samplers,
    network_calls). Random weights unless --checkpoint: the cost does not depend on the weights. Then
    the whole CLI, `python denoise.py --per-label 10`, against a bare `python -c "import torch,
@@ -179,14 +179,14 @@ def write_random_checkpoint(path):
 
 def samplers(T):
     """[(name, sampler, steps, guidance)] to time: DDPM walks all T steps (T = 1000 by default); guidance
-    applies on SampleConfig's interval only. The last two: denoise.py's default, and it with 25 steps."""
+    applies on SampleConfig's interval only. The last two: denoise.py's default, and it with 20 steps."""
     lo, hi = SampleConfig.guidance_interval
     w, n = SampleConfig.guidance, min(SampleConfig.steps, T)
     return [(f"DDPM-{T}, guidance 0", "ddpm", T, 0.0),
             ("DDIM-50, guidance 0", "ddim", 50, 0.0),
             (f"DDIM-50, guidance 2 on [{lo}, {hi}]", "ddim", 50, 2.0),
             (f"DDIM-{n}, guidance {w:g} on [{lo}, {hi}] (denoise.py's default)", "ddim", n, w),
-            (f"DDIM-25, guidance {w:g} on [{lo}, {hi}] (the previous default)", "ddim", min(25, T), w)]
+            (f"DDIM-20, guidance {w:g} on [{lo}, {hi}] (the previous default)", "ddim", min(20, T), w)]
 
 
 def network_calls(T, steps, guidance, batch):
