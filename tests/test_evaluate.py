@@ -14,6 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPT = BENCH / "evaluate.py"
 sys.path.insert(0, str(BENCH))
 import evaluate as ev  # noqa: E402
+from conftest import write_image_folder  # noqa: E402
 
 
 def test_fd_identical_sets_is_zero():
@@ -134,24 +135,12 @@ def test_main_missing_real_data_is_one_line_and_exit_2(tmp_path, capsys):
     assert out == "" and len(lines) == 1 and lines[0].startswith("error: "), err
 
 
-def _fake_mnist_folder(root, per_label=5):
-    """An ImageFolder of random 28x28 PNGs, per_label in each of 0..9 (distinct images)."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for label in range(10):
-        (root / str(label)).mkdir(parents=True)
-        for i in range(per_label):
-            pixels = torch.randint(0, 256, (28, 28), generator=g, dtype=torch.uint8)
-            Image.fromarray(pixels.numpy()).save(root / str(label) / f"{i}.png")
-    return root
-
-
 def _rows(images, labels):
     return sorted((bytes(x.flatten().tolist()), int(y)) for x, y in zip(images, labels))
 
 
 def test_export_train_split_writes_the_classifier_split_and_no_held_out_digit(tmp_path, capsys):
-    folder = _fake_mnist_folder(tmp_path / "digits")
+    folder = write_image_folder(tmp_path / "digits", per_label=5)
     out = tmp_path / "train-split"
     assert ev.main(["--export-train-split", str(out), "--mnist-folder", str(folder),
                     "--cache-dir", str(tmp_path / "cache")]) == 0
@@ -165,7 +154,7 @@ def test_export_train_split_writes_the_classifier_split_and_no_held_out_digit(tm
 
 
 def test_export_train_split_refuses_a_folder_with_files_and_keeps_them(tmp_path, capsys):
-    folder = _fake_mnist_folder(tmp_path / "digits")
+    folder = write_image_folder(tmp_path / "digits", per_label=5)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
