@@ -230,21 +230,27 @@ def export_train_split(out_dir, data_root=None, mnist_folder=None, cache_dir=Non
     its samples with, so its distance cannot come from remembering them. Written into a temporary folder
     beside out_dir and renamed at the end: an interrupted export leaves no half-filled out_dir."""
     out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    # (os.path's exists and isdir answer False where the name cannot even be looked up, e.g. too long:
+    # then writing below fails, and says why)
+    if os.path.exists(out) and not (os.path.isdir(out) and not any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder; name a new one (nothing was written)")
-    if not out.parent.is_dir():
+    if not os.path.isdir(out.parent):
         raise UsageError(f"{out.parent} is not a folder (nothing was written)")
     real = load_real("mnist", data_root, mnist_folder, cache_dir, seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         for i, (image, label) in enumerate(zip(real["train_x"], real["train_y"].tolist())):
             (tmp / str(label)).mkdir(exist_ok=True)
             Image.fromarray(image[0].numpy()).save(tmp / str(label) / f"{i:05d}.png")
         if out.exists():
             out.rmdir()                                    # (empty, checked above)
         os.replace(tmp, out)
+    except OSError as e:                                   # a name too long, a full disk, no permission
+        raise UsageError(f"cannot write {out}: {e.strerror or e} (nothing was written)") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)             # (gone after the rename)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)         # (gone after the rename)
     return len(real["train_x"]), real["source"]
 
 

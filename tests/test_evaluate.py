@@ -164,3 +164,13 @@ def test_export_train_split_refuses_a_folder_with_files_and_keeps_them(tmp_path,
     assert out_text == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "mine"]      # no temporary folder left
+
+
+def test_export_train_split_to_an_unwritable_name_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "digits", per_label=5)
+    out = tmp_path / ("x" * 300)                                     # longer than a file name may be
+    assert ev.main(["--export-train-split", str(out), "--mnist-folder", str(folder),
+                    "--cache-dir", str(tmp_path / "cache")]) == 2
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "digits"]
