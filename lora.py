@@ -6,7 +6,8 @@ A frozen linear layer y = W x gets a trainable detour through rank r (Hu et al. 
 
 so at the start the model is unchanged (B = 0) and only r * (in + out) numbers per layer train.
 After training, the detour can be folded into W (merge_lora): W' = W + (A B)^T alpha / r, and the
-model runs exactly as fast as before.
+model runs exactly as fast as before. (Our forward computes the same sum in that folded form, (W + dW) x,
+which is faster for layers as small as ours; LoraLayer.forward says why.)
 
     python lora.py                                  # injects LoRA into a fresh UNet and prints what trains
     python lora.py --inspect lora.pt --base model.pt    # how big each layer's update is
@@ -51,7 +52,16 @@ class LoraLayer(nn.Module):
     def forward(self, x):                  # x (.., in) -> (.., out)
         if self.merged or self.scale == 0:  # merged: base.weight already holds W + dW
             return self.base(x)
-        return self.base(x) + x @ self.lora_a @ self.lora_b * (self.alpha / self.r * self.scale)   # W x + (x A B) alpha/r
+        # W x + (x A B) alpha/r, computed as (W + dW) x: the same sum (a product distributes over +). The blog's
+        # listing computes the detour beside W x, as written; for a layer of thousands of features that is the
+        # cheap way, but ours have 32-256 and see every pixel of a batch, so two thin products and a sum over all
+        # of them cost about what W x costs, and W + dW is one small matrix (README, "LoRA": a fifth less time a
+        # fine-tuning step). Gradients still reach only A and B (W is frozen), and merging stores this very W + dW.
+        return self.base_op(x, self.adapted_weight())
+
+    def base_op(self, x, weight):
+        """What the base layer computes, with another weight: here W x + bias."""
+        return F.linear(x, weight, self.base.bias)
 
     @staticmethod
     def product(a, b):
@@ -59,16 +69,23 @@ class LoraLayer(nn.Module):
         return (a @ b).T
 
     def delta_weight(self):
-        """The update LoRA adds to base.weight: dW = (A B)^T alpha / r * scale."""
-        return self.product(*(getattr(self, name) for name in self.FACTORS)) * (self.alpha / self.r * self.scale)
+        """The update LoRA adds to base.weight: dW = (A B)^T alpha / r * scale, in fp32 even under autocast
+        (bf16 would round it before it is added to W, and forward and merge would no longer agree)."""
+        with torch.autocast(self.lora_b.device.type, enabled=False):
+            return self.product(*(getattr(self, name) for name in self.FACTORS)) * (self.alpha / self.r * self.scale)
+
+    def adapted_weight(self):
+        """W + dW: what forward multiplies with, and what merge stores in base.weight."""
+        return self.base.weight + self.delta_weight()
 
     @torch.no_grad()
     def merge(self):
-        """W' = W + dW, computed in fp32. Keeps W itself to undo: W + dW - dW is not always W again
-        in floating point (and far from it in bf16), a copy is."""
+        """W' = W + dW, the weight forward multiplies with, so the merged layer computes exactly what the
+        unmerged one did, at any precision. Keeps W itself to undo: W + dW - dW is not always W again in
+        floating point, a copy is."""
         weight = self.base.weight
         self.unmerged_weight = weight.detach().clone()
-        weight.copy_((weight.float() + self.delta_weight().float()).to(weight.dtype))
+        weight.copy_(self.adapted_weight())
         self.merged = True
 
 
@@ -106,7 +123,8 @@ def lora_state_dict(model):
 
 
 def merge_lora(model):
-    """Fold every LoRA layer into its base weight: W' = W + (A B)^T alpha / r * scale (in fp32). The
+    """Fold every LoRA layer into its base weight: W' = W + (A B)^T alpha / r * scale, the weight its forward
+    multiplied with, so the merged model computes exactly what the unmerged one did. The
     LoRA layers stay in place, marked merged (they then just call base), so that unmerge_lora can undo
     it; merging twice is refused. (The blog's listing loops `for name, layer in model`, which crashes.)"""
     layers = lora_layers(model)
@@ -132,7 +150,8 @@ class LoraConv2d(LoraLayer):
     """Wraps a frozen nn.Conv2d `base` (k x k, in -> out) and adds a small bottleneck beside it:
     y = base(x) + B(M(A(x))) alpha / r, with A a 1x1 conv in -> r, M a k x k conv r -> r (base's stride and
     padding) and B a 1x1 conv r -> out starting at zero. 1x1, k x k, 1x1 convs in a row are one k x k conv,
-    so it merges like LoraLayer: dW[o, i] = sum B[o, r] M[r, s] A[s, i] (a Tucker-2 decomposition of dW,
+    so it merges like LoraLayer (and forward computes it as one conv with W + dW):
+    dW[o, i] = sum B[o, r] M[r, s] A[s, i] (a Tucker-2 decomposition of dW,
     as LyCORIS's LoCon offers for convs). r (in + out) + r^2 k^2 numbers train, where a k x k A would take
     r (in k^2 + out): at r = 4 a 64 -> 64 conv trains 656 numbers, about what a k x k A takes at r = 1 (640)."""
     FACTORS = ("lora_a", "lora_m", "lora_b")
@@ -148,12 +167,9 @@ class LoraConv2d(LoraLayer):
         nn.init.kaiming_uniform_(m, a=math.sqrt(5))
         return a, m, b
 
-    def forward(self, x):                  # x (B, in, H, W) -> (B, out, H', W')
-        if self.merged or self.scale == 0:
-            return self.base(x)
+    def base_op(self, x, weight):          # x (B, in, H, W) -> (B, out, H', W'), with weight W + dW
         base = self.base
-        h = F.conv2d(F.conv2d(x, self.lora_a), self.lora_m, None, base.stride, base.padding, base.dilation)
-        return base(x) + F.conv2d(h, self.lora_b) * (self.alpha / self.r * self.scale)    # (B, r, H', W') -> out
+        return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation)
 
     @staticmethod
     def product(a, m, b):
@@ -172,10 +188,8 @@ class LoraEmbedding(LoraLayer):
         b = nn.Parameter(torch.zeros(r, base.embedding_dim))             # B (r, dim): zero, so unchanged at first
         return a, b
 
-    def forward(self, x):                  # x (..) indices -> (.., dim)
-        if self.merged or self.scale == 0:
-            return self.base(x)
-        return self.base(x) + F.embedding(x, self.lora_a) @ self.lora_b * (self.alpha / self.r * self.scale)
+    def base_op(self, x, weight):          # x (..) indices -> (.., dim): rows of W + dW
+        return F.embedding(x, weight)
 
     @staticmethod
     def product(a, b):

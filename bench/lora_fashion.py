@@ -17,7 +17,7 @@ peak memory (the child's max RSS), its training time per step, and the evaluator
 FD / floor, with the accuracy as a share of full fine-tuning's. "base" is the digit model itself, sampled
 with Fashion labels (the "before"). Then it writes two figures into --figures:
 lora_fashion.png (same seed: base | each LoRA run | full) and lora_compare.png (denoise.py --compare
-in fp32 for the most accurate LoRA run: base | LoRA | merged).
+at the default precision for the most accurate LoRA run: base | LoRA | merged).
 
 Runs go one at a time: on a 2-core machine anything running beside them changes the times.
 """
@@ -135,7 +135,7 @@ def save_figures(rows, samples, lora_files, args, work):
         best = max((r for r in rows if r["name"] in lora_files), key=lambda r: r["accuracy"])["name"]
         path = lora_files[best]
         run_child([sys.executable, "denoise.py", "--checkpoint", args.base, "--lora", str(path), "--compare",
-                   "--per-label", "4", "--seed", str(args.seed), "--precision", "fp32",
+                   "--per-label", "4", "--seed", str(args.seed),
                    "--out-dir", str(work / "compare")], work / "compare.log")
         os.replace(work / "compare" / "compare.png", figures / "lora_compare.png")
         log((work / "compare.log").read_text().strip().splitlines()[-2])

@@ -21,9 +21,12 @@ and each table shows the median round, with the fastest and slowest round in bra
    torchvision, matplotlib.pyplot"`: their difference is what our code adds on top of importing the
    libraries (target: <= 5 s).
    With --parts lora: the default sampler (config.SampleConfig, precision auto) for the base model, for the
-   model with a LoRA adapter (unmerged: every adapted layer computes its detour), and for the same
+   model with a LoRA adapter (unmerged: every adapted layer computes W + dW at each call), and for the same
    adapter merged into the weights, once with the blog's targets (Wq,Wk,Wv, rank 4) and once with the
-   default adapter (config.FinetuneConfig). Target: merged costs what the base costs.
+   default adapter (config.FinetuneConfig). Target: merged costs what the base costs. Then
+   lora_finetune.py's training step (train.train_step at FinetuneConfig's batch and precision, fixed random
+   batch) with every weight trained (--full), with each adapter, and with the default adapter computed as
+   the blog's listing computes a LoRA layer, the detour beside the base layer (detour_forward).
 3. Peak memory: peak resident set size (Linux VmHWM) of a fresh Python process that builds the model
    and AdamW and runs a few training steps; the baseline process only imports torch and the project.
 """
@@ -35,18 +38,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from config import (FinetuneConfig, ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save,  # noqa: E402
                     autocast_dtype, run_main)
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise, guidance_at, timesteps  # noqa: E402
-from train import Progress, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
+from lora import (LoraConv2d, LoraEmbedding, inject_lora, lora_layers, lora_plus_groups,  # noqa: E402
+                  mark_only_lora_trainable, merge_lora)
+from train import Progress, adamw, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
 from unet import GroupNorm32, UNet, check_model_config, count_parameters, load_model  # noqa: E402
 
 # The tutorial's UNet shape, built with our blocks: 48x48 pixels directly, five levels, one token.
@@ -227,8 +234,7 @@ def lora_setups():
 
 def measure_lora_sampling(plan, checkpoint, device):
     """Sampling time of base | LoRA unmerged | LoRA merged, the adapters with random non-zero B (a zero B
-    costs the same: the detour is computed either way)."""
-    from lora import inject_lora, lora_layers, merge_lora
+    costs the same: W + dW is computed either way)."""
     models = {"base": load_model(checkpoint, "ema", device)[0]}
     for name, targets, r in lora_setups():
         for merged in (False, True):
@@ -257,6 +263,66 @@ def measure_lora_sampling(plan, checkpoint, device):
     base = statistics.median(times["base"])
     return [dict(name=name, seconds=summary(t), x_base=statistics.median(t) / base) for name, t in times.items()], \
         precision_name(dtype)
+
+
+def detour_forward(layer, x):
+    """A LoRA layer computed as the blog's listing computes it, the detour beside the base layer: W x + (x A B)
+    alpha/r; for a conv base(x) + B(M(A(x))) alpha/r, for an embedding W[i] + A[i] B alpha/r. The same sum as
+    lora.py's (W + dW) x (tests/test_lora.py checks it), kept here to time the two side by side."""
+    s = layer.alpha / layer.r * layer.scale
+    if isinstance(layer, LoraConv2d):
+        b = layer.base
+        h = F.conv2d(F.conv2d(x, layer.lora_a), layer.lora_m, None, b.stride, b.padding, b.dilation)
+        return b(x) + F.conv2d(h, layer.lora_b) * s
+    if isinstance(layer, LoraEmbedding):
+        return layer.base(x) + F.embedding(x, layer.lora_a) @ layer.lora_b * s
+    return layer.base(x) + x @ layer.lora_a @ layer.lora_b * s
+
+
+def finetune_step(checkpoint, device, targets=None, r=None, detour=False):
+    """lora_finetune.py's optimizer and train_step on a fixed random batch of FinetuneConfig's size: every
+    weight trains (targets None: --full) or an adapter on `targets` at rank r (LoRA+ groups); detour=True
+    computes its layers with detour_forward. Returns (trainable parameters, step function, autocast dtype)."""
+    model, _ = load_model(checkpoint, "ema", device)
+    tcfg = FinetuneConfig()
+    if targets is None:
+        params = list(model.parameters())
+        optimizer = adamw(params, FinetuneConfig.full_lr, device, weight_decay=0.0)
+    else:
+        inject_lora(model, targets, r, float(r))
+        params = mark_only_lora_trainable(model)
+        optimizer = adamw(lora_plus_groups(model, tcfg.lr, tcfg.lora_b_lr_ratio), tcfg.lr, device, weight_decay=0.0)
+        for layer in lora_layers(model).values() if detour else ():
+            layer.forward = types.MethodType(detour_forward, layer)     # shadows the class's forward
+    model.train()
+    sched, dtype = Schedule.from_config(model.cfg), autocast_dtype(tcfg.precision, device)
+    torch.manual_seed(0)
+    x0 = torch.rand(tcfg.batch_size, model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size,
+                    device=device) * 2 - 1
+    labels = torch.randint(0, model.cfg.num_labels, (tcfg.batch_size,), device=device)
+    step = lambda: train_step(model, optimizer, sched, x0, labels, tcfg.p_uncond, dtype)  # noqa: E731
+    return sum(p.numel() for p in params), step, dtype
+
+
+def measure_lora_training(plan, checkpoint, device):
+    """Seconds per fine-tuning step: --full, each adapter of lora_setups, and the default adapter as a detour."""
+    default = lora_setups()[-1]
+    setups = [("full fine-tuning (--full)", None, None, False)] + [(n, t, r, False) for n, t, r in lora_setups()] \
+        + [(f"{default[0]}, computed as a detour beside W x (the blog's form)", default[1], default[2], True)]
+    jobs, rows = {}, []
+    for name, targets, r, detour in setups:
+        n_train, step, dtype = finetune_step(checkpoint, device, targets, r, detour)
+        for _ in range(plan["warmup_steps"]):
+            step()
+        jobs[name] = (step, plan["train_steps"])
+        rows.append(dict(name=name, trains=n_train))
+    log(f"LoRA fine-tuning steps, batch {FinetuneConfig.batch_size}")
+    times = interleaved_seconds(jobs, plan["train_rounds"], device)
+    full = statistics.median(times[rows[0]["name"]])
+    for row in rows:
+        row["s_per_step"] = summary(times[row["name"]])
+        row["x_full"] = row["s_per_step"]["median"] / full
+    return rows, precision_name(dtype)
 
 
 def wall_seconds(cmd, env):
@@ -362,7 +428,13 @@ def markdown(results):
                 "|---|---:|---:|"]
         for r in results["lora"]:
             out.append(f"| {r['name']} | {fmt_range(r['seconds'], 2)} | {r['x_base']:.2f} |")
-        out += ["", f"LoRA: median of {results['plan']['sample_rounds']} interleaved rounds; target: merged = base.", ""]
+        out += ["", f"LoRA: median of {results['plan']['sample_rounds']} interleaved rounds; target: merged = base.", "",
+                f"| fine-tuning step, batch {FinetuneConfig.batch_size}, {results['lora_training_precision']} | trains | "
+                "s/step: median (range) | x full fine-tuning |", "|---|---:|---:|---:|"]
+        for r in results["lora_training"]:
+            out.append(f"| {r['name']} | {r['trains']:,d} | {fmt_range(r['s_per_step'])} | {r['x_full']:.2f} |")
+        out += ["", f"Fine-tuning: train.train_step (full fine-tuning's EMA update not counted), median of "
+                    f"{results['plan']['train_rounds']} interleaved rounds of {results['plan']['train_steps']} steps.", ""]
     if "cli" in results:
         c = results["cli"]
         out += ["| end to end (wall clock) | seconds: median (range) |", "|---|---:|",
@@ -442,6 +514,8 @@ def main():
                 measure_sampling(plan, checkpoint, device)
         if "lora" in parts:
             results["lora"], results["lora_precision"] = measure_lora_sampling(plan, checkpoint, device)
+            results["lora_training"], results["lora_training_precision"] = \
+                measure_lora_training(plan, checkpoint, device)
         if "cli" in parts:
             log("end to end: denoise.py vs bare imports")
             results["cli"] = measure_cli(plan, checkpoint, device, env)

@@ -1,11 +1,12 @@
 """LoRA in-process: injection, freezing, merging, strict loading and the base fingerprint."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from config import UserError
+from config import FinetuneConfig, UserError
 from conftest import tiny_batch
-from lora import (LoraLayer, fingerprint, inject_lora, load_lora_state_dict, lora_plus_groups, lora_state_dict,
+from lora import (LoraConv2d, LoraEmbedding, LoraLayer, fingerprint, inject_lora, load_lora_state_dict, lora_plus_groups, lora_state_dict,
                   mark_only_lora_trainable, merge_lora, unwrap_lora)
 from train import train_step
 from diffusion import Schedule
@@ -96,8 +97,8 @@ def test_lora_plus_moves_b_ratio_times_as_far(tiny_model, tiny_cfg, ratio):
 
 
 def test_merge_matches_unmerged_and_unwrap_removes_lora_layers(tiny_model, tiny_cfg):
-    """merge_lora folds (A B)^T alpha/r into W: the merged model's output matches the LoRA model's
-    within 1e-5 (with a non-zero B, so the adapter matters). The LoRA layers stay (merged, to undo);
+    """merge_lora folds (A B)^T alpha/r into W: the merged model's output is the LoRA model's, exactly
+    (with a non-zero B, so the adapter matters). The LoRA layers stay (merged, to undo);
     unwrap_lora then leaves a plain model with the base's state_dict keys."""
     x, t, labels = tiny_batch(tiny_cfg)
     base_keys = set(tiny_model.state_dict())
@@ -111,7 +112,7 @@ def test_merge_matches_unmerged_and_unwrap_removes_lora_layers(tiny_model, tiny_
     assert len(merged) == 9                                     # Wq, Wk, Wv of down.1, mid and up.1
     assert all(tiny_model.get_submodule(name).merged for name in merged)
     assert (lora_out - base_out).abs().max() > 1e-3            # the adapter really changes the output
-    assert torch.allclose(merged_out, lora_out, atol=1e-5, rtol=0)
+    assert torch.equal(merged_out, lora_out)
     assert unwrap_lora(tiny_model) == merged
     assert not any(isinstance(m, LoraLayer) for m in tiny_model.modules())
     for name in merged:
@@ -119,6 +120,42 @@ def test_merge_matches_unmerged_and_unwrap_removes_lora_layers(tiny_model, tiny_
     assert set(tiny_model.state_dict()) == base_keys
     with torch.no_grad():
         assert torch.equal(tiny_model(x, t, labels), merged_out)
+
+
+def test_each_lora_layer_computes_the_detour_beside_its_base():
+    """forward computes (W + dW) x; that is the blog's W x + (x A B) alpha/r for a linear layer, base(x) + B(M(A(x)))
+    alpha/r for a conv (three convs in a row) and W[i] + A[i] B alpha/r for an embedding, within float rounding."""
+    torch.manual_seed(0)
+    linear, conv = LoraLayer(nn.Linear(6, 5), r=2, alpha=3.0), LoraConv2d(nn.Conv2d(4, 3, 3, padding=1), r=2, alpha=3.0)
+    embedding = LoraEmbedding(nn.Embedding(7, 5), r=2, alpha=3.0)
+    for layer in (linear, conv, embedding):
+        nn.init.normal_(layer.lora_b)                           # B = 0 would hide a wrong detour
+    s = 3.0 / 2
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        assert torch.allclose(linear(x), linear.base(x) + x @ linear.lora_a @ linear.lora_b * s, atol=1e-5)
+        x = torch.randn(2, 4, 5, 5)
+        detour = F.conv2d(F.conv2d(F.conv2d(x, conv.lora_a), conv.lora_m, padding=1), conv.lora_b)
+        assert torch.allclose(conv(x), conv.base(x) + detour * s, atol=1e-5)
+        i = torch.tensor([0, 3, 6])
+        assert torch.allclose(embedding(i), embedding.base(i) + embedding.lora_a[i] @ embedding.lora_b * s, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_merge_changes_no_output_of_any_lora_layer_in_fp32_and_bf16(tiny_model, tiny_cfg, dtype):
+    """Every kind of LoRA layer (the default targets: linear, conv, embedding), merged, computes exactly what it
+    computed unmerged, also under bf16 autocast: forward multiplies by the same W + dW (dW in fp32) that the
+    merge stores, so both round the same weight to bf16."""
+    x, t, labels = tiny_batch(tiny_cfg)
+    inject_lora(tiny_model, FinetuneConfig.lora_targets, FinetuneConfig.lora_rank, FinetuneConfig.lora_alpha)
+    _randomise_lora_b(tiny_model)
+    assert {type(m) for m in tiny_model.modules() if isinstance(m, LoraLayer)} == {LoraLayer, LoraConv2d, LoraEmbedding}
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            return tiny_model(x, t, labels)
+    lora_out = run()
+    merge_lora(tiny_model)                                      # outside autocast, as denoise.py merges
+    assert torch.equal(run(), lora_out)
 
 
 def test_lora_state_dict_round_trip(tiny_model, tiny_cfg):
