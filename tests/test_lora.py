@@ -6,8 +6,8 @@ from torch import nn
 
 from config import FinetuneConfig, UserError
 from conftest import tiny_batch
-from lora import (LoraConv2d, LoraEmbedding, LoraLayer, fingerprint, inject_lora, load_lora_state_dict, lora_plus_groups, lora_state_dict,
-                  mark_only_lora_trainable, merge_lora, unwrap_lora)
+from lora import (LoraConv2d, LoraEmbedding, LoraLayer, fingerprint, inject_lora, load_lora_state_dict,
+                  lora_plus_groups, lora_state_dict, mark_only_lora_trainable, merge_lora, unwrap_lora)
 from train import train_step
 from diffusion import Schedule
 
