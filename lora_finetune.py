@@ -37,8 +37,7 @@ def main():
         check_base_fingerprint(state, args.out, base_print, args.base)
     images, labels = load_images(args.data, args.data_root, model.cfg.image_size, model.cfg.num_labels)
     saved = config_from_dict(FinetuneConfig, state["train_config"]) if state else None
-    defaults = FinetuneConfig(lr=FinetuneConfig.full_lr) if args.full else FinetuneConfig()
-    tcfg = resolve_train_config(args, defaults, len(images), saved, world)
+    tcfg = resolve_train_config(args, finetune_defaults(args.full), len(images), saved, world)
     torch.manual_seed(tcfg.seed)                              # the same in every process: the same LoRA weights
     batches = Batches(images, labels, tcfg.batch_size, tcfg.seed, shard=(rank, world))
 
@@ -53,9 +52,7 @@ def main():
         what = (f"LoRA r={tcfg.lora_rank} alpha={tcfg.lora_alpha} on {len(names)} layers "
                 f"({', '.join(tcfg.lora_targets)}), B's lr {tcfg.lora_b_lr_ratio:g} x A's")
     model.train()
-    # no weight decay in either mode: it would pull the trained base weights (or A) towards zero
-    groups = params if args.full else lora_plus_groups(model, tcfg.lr, tcfg.lora_b_lr_ratio)
-    optimizer = adamw(groups, tcfg.lr, device, weight_decay=0.0)
+    optimizer = finetune_optimizer(model, params, tcfg, args.full, device)
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     progress = Progress()
     if state:
@@ -99,6 +96,18 @@ def main():
         print(f"{reason}: step {progress.step}, {seconds / 60:.1f} min ({per_step:.3f} s/step); saved {args.out}")
     finish_run(reason, ema.module if args.full else model, sched, progress.losses, args.out_dir,
                "full" if args.full else "lora", tcfg.seed, is_main)
+
+
+def finetune_defaults(full):
+    """FinetuneConfig, with full fine-tuning's own lr for --full."""
+    return FinetuneConfig(lr=FinetuneConfig.full_lr) if full else FinetuneConfig()
+
+
+def finetune_optimizer(model, params, tcfg, full, device):
+    """AdamW over every weight (--full) or LoRA+'s groups (B at lora_b_lr_ratio x A's lr). No weight decay in
+    either mode: it would pull the trained base weights (or A) towards zero."""
+    groups = params if full else lora_plus_groups(model, tcfg.lr, tcfg.lora_b_lr_ratio)
+    return adamw(groups, tcfg.lr, device, weight_decay=0.0)
 
 
 # ----------------------------------------------------------------------------- beyond the blog: the command line

@@ -51,9 +51,10 @@ from config import (FinetuneConfig, ModelConfig, SampleConfig, TrainConfig, User
                     autocast_dtype, run_main)
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise, guidance_at, timesteps  # noqa: E402
-from lora import (LoraConv2d, LoraEmbedding, inject_lora, lora_layers, lora_plus_groups,  # noqa: E402
-                  mark_only_lora_trainable, merge_lora)
-from train import Progress, adamw, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
+from lora import (LoraConv2d, LoraEmbedding, inject_lora, lora_layers, mark_only_lora_trainable,  # noqa: E402
+                  merge_lora)
+from lora_finetune import finetune_defaults, finetune_optimizer  # noqa: E402
+from train import Progress, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
 from unet import GroupNorm32, UNet, check_model_config, count_parameters, load_model  # noqa: E402
 
 # The tutorial's UNet shape, built with our blocks: 48x48 pixels directly, five levels, one token.
@@ -133,10 +134,15 @@ def make_train_step(cfg, batch_size, dtype, device, before=False):
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     sched = Schedule.from_config(cfg)
-    x0 = torch.rand(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    labels = torch.randint(0, cfg.num_labels, (batch_size,), device=device)
+    x0, labels = fixed_batch(cfg, batch_size, device)
     step = lambda: train_step(model, optimizer, sched, x0, labels, tcfg.p_uncond, dtype, scaler)  # noqa: E731
     return model, step
+
+
+def fixed_batch(cfg, batch_size, device):
+    """A random batch (images in [-1, 1], labels) that every timed step of one setup reuses."""
+    x0 = torch.rand(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    return x0, torch.randint(0, cfg.num_labels, (batch_size,), device=device)
 
 
 def training_setups(batch_size, device):
@@ -284,22 +290,20 @@ def finetune_step(checkpoint, device, targets=None, r=None, detour=False):
     weight trains (targets None: --full) or an adapter on `targets` at rank r (LoRA+ groups); detour=True
     computes its layers with detour_forward. Returns (trainable parameters, step function, autocast dtype)."""
     model, _ = load_model(checkpoint, "ema", device)
-    tcfg = FinetuneConfig()
-    if targets is None:
+    full = targets is None
+    tcfg = finetune_defaults(full)
+    if full:
         params = list(model.parameters())
-        optimizer = adamw(params, FinetuneConfig.full_lr, device, weight_decay=0.0)
     else:
         inject_lora(model, targets, r, float(r))
         params = mark_only_lora_trainable(model)
-        optimizer = adamw(lora_plus_groups(model, tcfg.lr, tcfg.lora_b_lr_ratio), tcfg.lr, device, weight_decay=0.0)
         for layer in lora_layers(model).values() if detour else ():
             layer.forward = types.MethodType(detour_forward, layer)     # shadows the class's forward
+    optimizer = finetune_optimizer(model, params, tcfg, full, device)
     model.train()
     sched, dtype = Schedule.from_config(model.cfg), autocast_dtype(tcfg.precision, device)
     torch.manual_seed(0)
-    x0 = torch.rand(tcfg.batch_size, model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size,
-                    device=device) * 2 - 1
-    labels = torch.randint(0, model.cfg.num_labels, (tcfg.batch_size,), device=device)
+    x0, labels = fixed_batch(model.cfg, tcfg.batch_size, device)
     step = lambda: train_step(model, optimizer, sched, x0, labels, tcfg.p_uncond, dtype)  # noqa: E731
     return sum(p.numel() for p in params), step, dtype
 
