@@ -195,7 +195,9 @@ def _load_png_folder(folder, cache_dir):
 def load_real(domain, data_root=None, mnist_folder=None, cache_dir=None, seed=0):
     """Real images split into a classifier-training part and a held-out part.
     Returns dict(train_x, train_y, held_x, held_y, source) with uint8 images (N,1,28,28)."""
-    data_root = Path(data_root) if data_root is not None else DEFAULT_DATA_ROOT
+    # Resolved, so that `source` (the cached classifier's key) names the data alike however the path is written
+    # (../shared/data or /work/shared/data): otherwise each spelling retrains the classifier over the other's cache.
+    data_root = Path(data_root if data_root is not None else DEFAULT_DATA_ROOT).resolve()
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     if domain == "fashion":
         raw = data_root / "FashionMNIST" / "raw"
@@ -205,7 +207,7 @@ def load_real(domain, data_root=None, mnist_folder=None, cache_dir=None, seed=0)
                     source=f"FashionMNIST {raw} (train 60k -> classifier, test 10k -> held out)")
     if domain != "mnist":
         raise UsageError(f"unknown domain {domain!r}, expected one of {DOMAINS}")
-    folder = Path(mnist_folder) if mnist_folder is not None else data_root / "mnist-t10k"
+    folder = Path(mnist_folder).resolve() if mnist_folder is not None else data_root / "mnist-t10k"
     tv_raw = data_root / "MNIST" / "raw"
     if mnist_folder is None and not folder.is_dir() and tv_raw.is_dir():
         tx, ty = _idx_split(tv_raw, "train")

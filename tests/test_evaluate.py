@@ -153,6 +153,18 @@ def test_export_train_split_writes_the_classifier_split_and_no_held_out_digit(tm
     assert "wrote 40 digits" in capsys.readouterr().out
 
 
+def test_real_data_source_names_the_folder_however_its_path_is_written(tmp_path, monkeypatch):
+    """The cached classifier is keyed on `source`: a relative path, an absolute one and a link to the same
+    folder must give the same key, or each spelling would retrain the classifier over the other's cache."""
+    folder = write_image_folder(tmp_path / "data" / "mnist-t10k", per_label=5)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    load = lambda **where: ev.load_real("mnist", cache_dir=tmp_path / "cache", **where)["source"]  # noqa: E731
+    sources = {load(mnist_folder=f) for f in (folder, Path("data/mnist-t10k"), Path("link/mnist-t10k"))}
+    sources |= {load(data_root=r) for r in (tmp_path / "data", Path("data"), Path("link"), Path("link/../data"))}
+    assert len(sources) == 1 and str(folder.resolve()) in sources.pop()
+
+
 def test_export_train_split_refuses_a_folder_with_files_and_keeps_them(tmp_path, capsys):
     folder = write_image_folder(tmp_path / "digits", per_label=5)
     out = tmp_path / "mine"
