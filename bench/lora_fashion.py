@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from config import UserError, run_main  # noqa: E402
+from config import FinetuneConfig, UserError, run_main  # noqa: E402
 
 # name: lora_finetune.py flags (beyond the shared ones in fine_tune). The blog's targets first, then what
 # each of the default's two choices buys: LoRA+ (B's lr 16 x A's) and rank 4 on the convs' bottleneck.
@@ -99,8 +99,8 @@ def sample_and_score(name, weights, args, work, per_label):
 
 def markdown(rows, base_bytes, args):
     full = next((r for r in rows if r["name"] == "full"), None)
-    out = [f"Fashion-MNIST from the digit model {args.base}: {args.steps} steps, batch 128, seed {args.seed}; "
-           f"{args.per_label} samples per label scored by bench/evaluate.py --domain fashion.", "",
+    out = [f"Fashion-MNIST from the digit model {args.base}: {args.steps} steps, batch {FinetuneConfig.batch_size}, "
+           f"seed {args.seed}; {args.per_label} samples per label scored by bench/evaluate.py --domain fashion.", "",
            "| run | lora_finetune.py flags | trains (of the base's) | file (vs base) | s/step | wall | peak RSS | accuracy "
            "| of full's | FD / floor |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -147,7 +147,7 @@ def main():
     parser.add_argument("--base", default="model.pt", help="digit model from train.py (read only)")
     parser.add_argument("--data-root", default="../shared/data", help="where FashionMNIST/ is")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"which of {', '.join(RUNS)}")
-    parser.add_argument("--steps", type=int, default=1000, help="fine-tuning steps of every run")
+    parser.add_argument("--steps", type=int, default=FinetuneConfig.max_steps, help="fine-tuning steps of every run")
     parser.add_argument("--per-label", type=int, default=100, help="samples per label to score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="bench/.lora_fashion", help="folder for the runs' files and logs")
