@@ -1,7 +1,9 @@
 """LoRA in-process: injection, freezing, merging, strict loading and the base fingerprint."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from config import FinetuneConfig, UserError
@@ -10,6 +12,9 @@ from lora import (LoraConv2d, LoraEmbedding, LoraLayer, fingerprint, inject_lora
                   lora_plus_groups, lora_state_dict, mark_only_lora_trainable, merge_lora, unwrap_lora)
 from train import train_step
 from diffusion import Schedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from speed import detour_forward  # noqa: E402
 
 TARGETS = ("Wq", "Wk", "Wv")
 
@@ -123,22 +128,16 @@ def test_merge_matches_unmerged_and_unwrap_removes_lora_layers(tiny_model, tiny_
 
 
 def test_each_lora_layer_computes_the_detour_beside_its_base():
-    """forward computes (W + dW) x; that is the blog's W x + (x A B) alpha/r for a linear layer, base(x) + B(M(A(x)))
-    alpha/r for a conv (three convs in a row) and W[i] + A[i] B alpha/r for an embedding, within float rounding."""
+    """forward computes (W + dW) x; that is what bench/speed.py's detour_forward computes the blog's way (and times
+    beside it): W x + (x A B) alpha/r for a linear layer, base(x) + B(M(A(x))) alpha/r for a conv (three convs in a
+    row) and W[i] + A[i] B alpha/r for an embedding, within float rounding."""
     torch.manual_seed(0)
     linear, conv = LoraLayer(nn.Linear(6, 5), r=2, alpha=3.0), LoraConv2d(nn.Conv2d(4, 3, 3, padding=1), r=2, alpha=3.0)
     embedding = LoraEmbedding(nn.Embedding(7, 5), r=2, alpha=3.0)
-    for layer in (linear, conv, embedding):
+    for layer, x in ((linear, torch.randn(8, 6)), (conv, torch.randn(2, 4, 5, 5)), (embedding, torch.tensor([0, 3, 6]))):
         nn.init.normal_(layer.lora_b)                           # B = 0 would hide a wrong detour
-    s = 3.0 / 2
-    x = torch.randn(8, 6)
-    with torch.no_grad():
-        assert torch.allclose(linear(x), linear.base(x) + x @ linear.lora_a @ linear.lora_b * s, atol=1e-5)
-        x = torch.randn(2, 4, 5, 5)
-        detour = F.conv2d(F.conv2d(F.conv2d(x, conv.lora_a), conv.lora_m, padding=1), conv.lora_b)
-        assert torch.allclose(conv(x), conv.base(x) + detour * s, atol=1e-5)
-        i = torch.tensor([0, 3, 6])
-        assert torch.allclose(embedding(i), embedding.base(i) + embedding.lora_a[i] @ embedding.lora_b * s, atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), detour_forward(layer, x), atol=1e-5), type(layer).__name__
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
