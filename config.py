@@ -80,11 +80,11 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float = 1.0        # the update is scaled by alpha / r
     lora_b_lr_ratio: float = 16.0  # LoRA+ (Hayou et al. 2024): B learns at 16 x A's lr; 1 = one lr for both
     # The blog's listing adapts Wq, Wk, Wv only (--targets Wq,Wk,Wv): enough to re-weigh what the model already
-    # draws, not to draw something new. Rank 1 on the attention and feed-forward layers, rank 4 on the convs
-    # (which draw the shapes; their bottleneck, lora.LoraConv2d, makes rank 4 cheap) and on the label embedding
-    # learnt Fashion-MNIST best within 3% of the parameters (README, "Digits to clothing"); lora.TARGETS lists
-    # every name, NAME:RANK gives one its own rank.
-    lora_targets: tuple = ("Wq", "Wk", "Wv", "Wo", "ff", "conv:4", "context:4")
+    # draws, not to draw something new. Rank 1 on the attention, feed-forward and time-embedding layers, rank 4
+    # on the convs (which draw the shapes; their bottleneck, lora.LoraConv2d, makes rank 4 cheap) and on the label
+    # embedding learnt Fashion-MNIST best within 3% of the parameters (README, "Digits to clothing"); lora.TARGETS
+    # lists every name, NAME:RANK gives one its own rank.
+    lora_targets: tuple = ("Wq", "Wk", "Wv", "Wo", "ff", "conv:4", "context:4", "time")
     full_lr: ClassVar[float] = 3e-3             # --full (every weight trains) uses this lr instead
 
 

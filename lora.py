@@ -141,9 +141,11 @@ def merge_lora(model):
 
 # The names --lora-targets understands: the attention projections Wq, Wk, Wv, Wo; "ff", the two nn.Linear of
 # each Transformer block's feed-forward (ff.0, ff.2); "conv", every nn.Conv2d of a ConvBlock (conv1, conv2, skip);
-# "context", the label embedding (LabelContext.embed: what each label's tokens say). NAME:RANK gives a target
-# its own rank (e.g. conv:4,context:4); its alpha follows, so that alpha / r is the same for every target.
-TARGETS = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "context")
+# "context", the label embedding (LabelContext.embed: what each label's tokens say); "time", the nn.Linear of each
+# ConvBlock that turns the time embedding into one bias per channel (ConvBlock.time: how a block reacts to each
+# noise level). NAME:RANK gives a target its own rank (e.g. conv:4,context:4); its alpha follows, so that
+# alpha / r is the same for every target.
+TARGETS = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "context", "time")
 
 
 class LoraConv2d(LoraLayer):
@@ -233,12 +235,15 @@ def target_ranks(targets, r):
 def target_of(model, name, module):
     """The --lora-targets name that covers this layer, or None."""
     parts = name.split(".")
+    in_block = isinstance(model.get_submodule(".".join(parts[:-1])), ConvBlock)   # a ConvBlock's own layer
     if type(module) is nn.Linear:
         if parts[-1] in ("Wq", "Wk", "Wv", "Wo"):
             return parts[-1]
         if len(parts) > 1 and parts[-2] == "ff":                 # ff.0 and ff.2 inside a TransformerBlock
             return "ff"
-    if type(module) is nn.Conv2d and isinstance(model.get_submodule(".".join(parts[:-1])), ConvBlock):
+        if in_block and parts[-1] == "time":
+            return "time"
+    if type(module) is nn.Conv2d and in_block:
         return "conv"
     if type(module) is nn.Embedding:
         return "context"

@@ -38,14 +38,16 @@ import torch  # noqa: E402
 from config import FinetuneConfig, UserError, run_main  # noqa: E402
 
 # name: lora_finetune.py flags (beyond the shared ones in fine_tune). The blog's targets first, then what
-# each of the default's two choices buys: LoRA+ (B's lr 16 x A's) and rank 4 on the convs' bottleneck.
+# each of the default's three choices buys: LoRA+ (B's lr 16 x A's), rank 4 on the convs' bottleneck, and the
+# time-embedding layers.
 RUNS = {
     "base": None,                                            # no fine-tuning: the digit model as it is
     "full": ["--full"],                                      # every weight, at full fine-tuning's lr 3e-3
     "qkv-r4": ["--lora-targets", "Wq,Wk,Wv", "--lora-rank", "4", "--lora-alpha", "4"],   # the blog's targets
     "one-lr": ["--lora-b-lr-ratio", "1", "--lr", "1e-2"],   # the default targets, one lr for A and B (plain LoRA)
-    "conv-r1": ["--lora-targets", "Wq,Wk,Wv,Wo,ff,conv,context:4"],   # rank 1 on the convs too
-    "default": [],                                           # Wq..ff at rank 1, conv:4, context:4, LoRA+
+    "conv-r1": ["--lora-targets", "Wq,Wk,Wv,Wo,ff,conv,context:4,time"],   # rank 1 on the convs too
+    "no-time": ["--lora-targets", "Wq,Wk,Wv,Wo,ff,conv:4,context:4"],   # the time-embedding layers left out
+    "default": [],                                           # Wq..ff and time at rank 1, conv:4, context:4, LoRA+
     "default-seed1": ["--seed", "1"],                        # the same, fine-tuned from seed 1 (sampled with --seed)
 }
 

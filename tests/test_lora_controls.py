@@ -1,4 +1,4 @@
-"""LoRA controls (issue 4): more targets (Wo, ff, conv), --lora-scale, several adapters, merge/unmerge,
+"""LoRA controls (issue 4): more targets (Wo, ff, conv, time), --lora-scale, several adapters, merge/unmerge,
 lora.py --inspect and lora_finetune.py --full."""
 import dataclasses
 
@@ -10,9 +10,9 @@ from config import FinetuneConfig, UserError, autocast_dtype
 from conftest import check_ok, check_user_error, run_script, tiny_batch
 from lora import (LoraConv2d, LoraEmbedding, LoraLayer, apply_lora_file, apply_lora_files, fingerprint, inject_lora,
                   lora_file_dict, lora_layers, lora_state_dict, merge_lora, set_lora_scale, unmerge_lora)
-from unet import load_model
+from unet import ConvBlock, load_model
 
-ALL = ("Wq", "Wk", "Wv", "Wo", "ff", "conv")
+ALL = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "time")
 
 
 def randomise(model, seed=1, std=0.1):
@@ -37,11 +37,14 @@ def fresh(cfg):
 
 
 def test_targets_cover_the_named_layers(tiny_model):
-    """Wo, ff and conv reach the attention output, ff.0/ff.2, and every conv of a ConvBlock (LoraConv2d)."""
-    names = inject_lora(tiny_model, ("Wo", "ff", "conv"), r=2, alpha=2.0)
+    """Wo, ff, conv and time reach the attention output, ff.0/ff.2, every conv of a ConvBlock (LoraConv2d) and
+    each ConvBlock's time-embedding layer (not the time MLP before the blocks)."""
+    blocks = [name for name, m in tiny_model.named_modules() if isinstance(m, ConvBlock)]
+    names = inject_lora(tiny_model, ("Wo", "ff", "conv", "time"), r=2, alpha=2.0)
     ends = {n.rsplit(".", 1)[-1] for n in names}
-    assert ends == {"Wo", "0", "2", "conv1", "conv2", "skip"}
-    assert all(n.split(".")[-2] == "ff" for n in names if n.endswith((".0", ".2")))
+    assert ends == {"Wo", "0", "2", "conv1", "conv2", "skip", "time"}
+    assert all(n.split(".")[-2] == "ff" for n in names if n.endswith((".0", ".2")))    # not time_mlp.0 / .2
+    assert [n for n in names if n.endswith(".time")] == [f"{b}.time" for b in blocks]
     for n in names:
         kind = LoraConv2d if n.endswith(("conv1", "conv2", "skip")) else LoraLayer
         assert type(tiny_model.get_submodule(n)) is kind, n
