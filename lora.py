@@ -94,7 +94,7 @@ def inject_lora(model, targets=FinetuneConfig.lora_targets, r=FinetuneConfig.lor
     """Wrap every layer that one of `targets` covers (see TARGETS) in a LoRA layer; returns their full
     names. (The blog's inject_lora takes one layer at a time and handles nn.Linear only.)"""
     ranks = target_ranks(targets, r)                 # {target: its rank}, r unless it says NAME:RANK
-    covered = {name: target_of(model, name, m) for name, m in model.named_modules()}
+    covered = {name: target_of(model, name, m, ranks) for name, m in model.named_modules()}
     names = [name for name, target in covered.items() if target in ranks]
     if not names:
         raise UserError(f"no layer of this model is covered by {', '.join(targets) or 'no targets'}")
@@ -143,9 +143,10 @@ def merge_lora(model):
 # each Transformer block's feed-forward (ff.0, ff.2); "conv", every nn.Conv2d of a ConvBlock (conv1, conv2, skip);
 # "context", the label embedding (LabelContext.embed: what each label's tokens say); "time", the nn.Linear of each
 # ConvBlock that turns the time embedding into one bias per channel (ConvBlock.time: how a block reacts to each
-# noise level). NAME:RANK gives a target its own rank (e.g. conv:4,context:4); its alpha follows, so that
-# alpha / r is the same for every target.
-TARGETS = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "context", "time")
+# noise level); "outer", the convs of the first level's blocks (down.0, up.0: the 14x14 ones, which draw the finest
+# detail), taken from "conv" where both are named. NAME:RANK gives a target its own rank (e.g. conv:4,outer:8); its
+# alpha follows, so that alpha / r is the same for every target.
+TARGETS = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "outer", "context", "time")
 
 
 class LoraConv2d(LoraLayer):
@@ -232,8 +233,9 @@ def target_ranks(targets, r):
     return ranks
 
 
-def target_of(model, name, module):
-    """The --lora-targets name that covers this layer, or None."""
+def target_of(model, name, module, named=TARGETS):
+    """The --lora-targets name that covers this layer, or None; a conv of an outer block is "outer" if `named`
+    holds it, else "conv"."""
     parts = name.split(".")
     in_block = isinstance(model.get_submodule(".".join(parts[:-1])), ConvBlock)   # a ConvBlock's own layer
     if type(module) is nn.Linear:
@@ -244,7 +246,7 @@ def target_of(model, name, module):
         if in_block and parts[-1] == "time":
             return "time"
     if type(module) is nn.Conv2d and in_block:
-        return "conv"
+        return "outer" if parts[0] in ("down", "up") and parts[1] == "0" and "outer" in named else "conv"
     if type(module) is nn.Embedding:
         return "context"
     return None

@@ -72,7 +72,7 @@ def test_lora_training_changed_b_and_applies_to_its_base(lora_run, base_run):
     assert list(layers) == f["layers"]
     ranks = target_ranks(f["targets"], LORA_RANK)       # NAME:RANK targets (conv:4, context:4) keep their own
     assert {name: m.r for name, m in layers.items()} == {
-        name: ranks[target_of(model, name, m.base)] for name, m in layers.items()}
+        name: ranks[target_of(model, name, m.base, ranks)] for name, m in layers.items()}
     assert LORA_RANK in ranks.values()
 
 

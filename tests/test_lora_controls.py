@@ -12,7 +12,7 @@ from lora import (LoraConv2d, LoraEmbedding, LoraLayer, apply_lora_file, apply_l
                   lora_file_dict, lora_layers, lora_state_dict, merge_lora, set_lora_scale, unmerge_lora)
 from unet import ConvBlock, load_model
 
-ALL = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "time")
+ALL = ("Wq", "Wk", "Wv", "Wo", "ff", "conv", "outer:3", "time")
 
 
 def randomise(model, seed=1, std=0.1):
@@ -51,10 +51,28 @@ def test_targets_cover_the_named_layers(tiny_model):
     assert not any(n.startswith(("stem", "head")) for n in names)      # only convs inside ConvBlocks
 
 
+def test_outer_takes_the_first_levels_convs_from_conv(tiny_model):
+    """outer covers the convs of down.0 and up.0 only, and where conv is named too, those get outer's rank and
+    every other ConvBlock conv conv's; conv alone still covers them all (files made before outer load alike)."""
+    convs = {n for n, m in tiny_model.named_modules() if type(m) is nn.Conv2d
+             and isinstance(tiny_model.get_submodule(n.rpartition(".")[0]), ConvBlock)}   # conv1, conv2, skip
+    outer = {n for n in convs if n.startswith(("down.0.", "up.0."))}
+    assert outer and outer != convs
+    assert set(inject_lora(fresh_like(tiny_model), ("outer",), r=2, alpha=2.0)) == outer
+    assert set(inject_lora(fresh_like(tiny_model), ("conv",), r=2, alpha=2.0)) == convs
+    names = inject_lora(tiny_model, ("conv:2", "outer:5"), r=1, alpha=1.0)
+    assert set(names) == convs
+    assert {n: tiny_model.get_submodule(n).r for n in names} == {n: 5 if n in outer else 2 for n in names}
+
+
+def fresh_like(model):
+    return fresh(model.cfg)
+
+
 def test_unknown_target_lists_the_valid_ones(tiny_model):
     with pytest.raises(UserError) as e:
         inject_lora(tiny_model, ("Wq", "attn"), r=2, alpha=2.0)
-    assert "'attn'" in str(e.value) and all(t in str(e.value) for t in ALL)
+    assert "'attn'" in str(e.value) and all(t.partition(":")[0] in str(e.value) for t in ALL)
 
 
 def test_scale_zero_is_the_base_model_exactly(tiny_model, tiny_cfg):
