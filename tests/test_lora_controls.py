@@ -1,4 +1,4 @@
-"""LoRA controls (issue 4): more targets (Wo, ff, conv, time), --lora-scale, several adapters, merge/unmerge,
+"""LoRA controls (issue 4): more targets (Wo, ff, conv, outer, time), --lora-scale, several adapters, merge/unmerge,
 lora.py --inspect and lora_finetune.py --full."""
 import dataclasses
 
@@ -58,15 +58,11 @@ def test_outer_takes_the_first_levels_convs_from_conv(tiny_model):
              and isinstance(tiny_model.get_submodule(n.rpartition(".")[0]), ConvBlock)}   # conv1, conv2, skip
     outer = {n for n in convs if n.startswith(("down.0.", "up.0."))}
     assert outer and outer != convs
-    assert set(inject_lora(fresh_like(tiny_model), ("outer",), r=2, alpha=2.0)) == outer
-    assert set(inject_lora(fresh_like(tiny_model), ("conv",), r=2, alpha=2.0)) == convs
+    assert set(inject_lora(fresh(tiny_model.cfg), ("outer",), r=2, alpha=2.0)) == outer
+    assert set(inject_lora(fresh(tiny_model.cfg), ("conv",), r=2, alpha=2.0)) == convs
     names = inject_lora(tiny_model, ("conv:2", "outer:5"), r=1, alpha=1.0)
     assert set(names) == convs
     assert {n: tiny_model.get_submodule(n).r for n in names} == {n: 5 if n in outer else 2 for n in names}
-
-
-def fresh_like(model):
-    return fresh(model.cfg)
 
 
 def test_unknown_target_lists_the_valid_ones(tiny_model):
