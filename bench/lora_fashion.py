@@ -47,6 +47,7 @@ RUNS = {
     "one-lr": ["--lora-b-lr-ratio", "1", "--lr", "1e-2"],   # the default targets, one lr for A and B (plain LoRA)
     "conv-r1": ["--lora-targets", "Wq,Wk,Wv,Wo,ff,conv,context:4,time"],   # rank 1 on the convs too
     "no-time": ["--lora-targets", "Wq,Wk,Wv,Wo,ff,conv:4,context:4"],   # the time-embedding layers left out
+    "outer-r8": ["--lora-targets", "Wq,Wk,Wv,Wo,ff,conv:4,outer:8,context:4,time"],   # rank 8 on the 14x14 convs
     "default": [],                                           # Wq..ff and time at rank 1, conv:4, context:4, LoRA+
     "default-seed1": ["--seed", "1"],                        # the same, fine-tuned from seed 1 (sampled with --seed)
 }
