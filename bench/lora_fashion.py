@@ -39,7 +39,7 @@ from config import FinetuneConfig, UserError, run_main  # noqa: E402
 
 # name: lora_finetune.py flags (beyond the shared ones in fine_tune). The blog's targets first, then what
 # each of the default's three choices buys: LoRA+ (B's lr 16 x A's), rank 4 on the convs' bottleneck, and the
-# time-embedding layers.
+# time-embedding layers; and outer-r8, a candidate not yet the default (README, "Digits to clothing").
 RUNS = {
     "base": None,                                            # no fine-tuning: the digit model as it is
     "full": ["--full"],                                      # every weight, at full fine-tuning's lr 3e-3
