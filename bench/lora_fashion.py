@@ -2,6 +2,7 @@
 
     python bench/lora_fashion.py --base model.pt                  # the README's table (~40 min on 2 cores)
     python bench/lora_fashion.py --base model.pt --runs base,full,default
+    python bench/lora_fashion.py --base model.pt --runs default,full --classifier-seeds 0,1,2   # 3 classifiers
     python bench/lora_fashion.py --base model.pt --quick          # smoke test (numbers not meaningful)
 
 Every run starts from the same digit model (--base) and trains on Fashion-MNIST with the same steps,
@@ -15,7 +16,10 @@ and reports: trainable parameters, the size of the file that fine-tuning wrote (
 a model checkpoint for --full) next to the base checkpoint's, the fine-tuning command's wall time and
 peak memory (the child's max RSS), its training time per step, and the evaluator's accuracy and
 FD / floor, with the accuracy as a share of full fine-tuning's. "base" is the digit model itself, sampled
-with Fashion labels (the "before"). Then it writes two figures into --figures:
+with Fashion labels (the "before"). With --classifier-seeds 0,1,2 every run's samples are also scored by the
+evaluator's classifiers of those seeds (bench/evaluate.py --seed N: trained from other random starts on the
+same images), and a second table gives each one's accuracy and share of full fine-tuning's: an adapter
+chosen with one classifier can read worse under another. Then it writes two figures into --figures:
 lora_fashion.png (same seed: base | each LoRA run | full) and lora_compare.png (denoise.py --compare
 at the default precision for the most accurate LoRA run: base | LoRA | merged).
 
@@ -35,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from config import FinetuneConfig, UserError, run_main  # noqa: E402
+from config import FinetuneConfig, UserError, numbers, run_main  # noqa: E402
 
 # name: lora_finetune.py flags (beyond the shared ones in fine_tune). The blog's targets first, then what
 # each of the default's three choices buys: LoRA+ (B's lr 16 x A's), rank 4 on the convs' bottleneck, and the
@@ -88,16 +92,20 @@ def fine_tune(name, flags, args, work):
 
 
 def sample_and_score(name, weights, args, work, per_label):
-    """denoise.py with the run's weights, then bench/evaluate.py --domain fashion; returns its JSON."""
+    """denoise.py with the run's weights, then bench/evaluate.py --domain fashion with each of
+    --classifier-seeds; returns {classifier seed: its JSON}, and the samples file."""
     samples = work / f"{name}.samples.pt"
     cmd = [sys.executable, "denoise.py", "--per-label", str(per_label), "--seed", str(args.seed),
            "--out-dir", str(work / name / "denoise"), "--save-samples", str(samples), *weights]
     run_child(cmd, work / f"{name}.denoise.log")
-    cmd = [sys.executable, "bench/evaluate.py", str(samples), "--domain", "fashion", "--data-root", args.data_root,
-           "--json"]
-    run_child(cmd, work / f"{name}.evaluate.log")
-    lines = (work / f"{name}.evaluate.log").read_text().strip().splitlines()
-    return json.loads(lines[-1]), samples
+    scores = {}
+    for seed in args.classifier_seeds:
+        log_path = work / f"{name}.evaluate{'' if seed == 0 else f'-seed{seed}'}.log"
+        cmd = [sys.executable, "bench/evaluate.py", str(samples), "--domain", "fashion", "--data-root",
+               args.data_root, "--seed", str(seed), "--json"]
+        run_child(cmd, log_path)
+        scores[seed] = json.loads(log_path.read_text().strip().splitlines()[-1])
+    return scores, samples
 
 
 def markdown(rows, base_bytes, args):
@@ -119,6 +127,20 @@ def markdown(rows, base_bytes, args):
         flags = "(not fine-tuned)" if r["flags"] is None else f"`{' '.join(r['flags']) or '(defaults)'}`"
         out.append(f"| {r['name']} | {flags} | {trained} | {size} | {timing} | "
                    f"{100 * r['accuracy']:.1f}% | {share} | {r['fd_ratio']:.1f}x |")
+    if len(args.classifier_seeds) > 1:
+        seeds = args.classifier_seeds
+        out += ["", "Accuracy (and of full's) under the evaluator's classifier of each seed (bench/evaluate.py --seed N):",
+                "", "| run | " + " | ".join(f"classifier {s}" for s in seeds) + " | of full's, mean |",
+                "|---|" + "---:|" * (len(seeds) + 1)]
+        for r in rows:
+            accuracies = [r["by_classifier"][s] for s in seeds]
+            if full and r["name"] != "full":
+                shares = [a / full["by_classifier"][s] for a, s in zip(accuracies, seeds)]
+                cells = [f"{100 * a:.1f}% ({100 * q:.0f}%)" for a, q in zip(accuracies, shares)]
+                mean = f"{100 * sum(shares) / len(shares):.1f}%"
+            else:
+                cells, mean = [f"{100 * a:.1f}%" for a in accuracies], "-"
+            out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(out)
 
 
@@ -153,6 +175,9 @@ def main():
     parser.add_argument("--steps", type=int, default=FinetuneConfig.max_steps, help="fine-tuning steps of every run")
     parser.add_argument("--per-label", type=int, default=100, help="samples per label to score")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier-seeds", type=numbers(int, "[0, 2147483647]"), default=(0,),
+                        help="score with the evaluator's classifier of each of these seeds (e.g. 0,1,2; the first "
+                        "fills the main table)")
     parser.add_argument("--work", default="bench/.lora_fashion", help="folder for the runs' files and logs")
     parser.add_argument("--figures", default="bench/figures", help="where the two figures go")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 2 samples per label")
@@ -163,6 +188,8 @@ def main():
         raise UserError(f"--runs: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNS)}")
     if not os.path.isfile(args.base):
         raise UserError(f"--base {args.base}: not found (train one with python train.py)")
+    if not args.classifier_seeds or len(set(args.classifier_seeds)) < len(args.classifier_seeds):
+        raise UserError(f"--classifier-seeds: give each seed once, e.g. 0,1,2 (got {args.classifier_seeds or 'none'})")
     if args.quick:
         args.steps, args.per_label = 3, 2
     args.base = os.path.abspath(args.base)
@@ -181,8 +208,10 @@ def main():
             else:
                 weights += ["--lora", str(out)]
                 lora_files[name] = out
-        score, samples[name] = sample_and_score(name, weights, args, work, args.per_label)
-        row.update(accuracy=score["accuracy"], fd_ratio=score["fd_ratio"])
+        scores, samples[name] = sample_and_score(name, weights, args, work, args.per_label)
+        first = scores[args.classifier_seeds[0]]
+        row.update(accuracy=first["accuracy"], fd_ratio=first["fd_ratio"],
+                   by_classifier={s: score["accuracy"] for s, score in scores.items()})
         rows.append(row)
         log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'flags'})}")
     print(markdown(rows, os.path.getsize(args.base), args))
