@@ -111,7 +111,8 @@ def sample_and_score(name, weights, args, work, per_label):
 def markdown(rows, base_bytes, args):
     full = next((r for r in rows if r["name"] == "full"), None)
     out = [f"Fashion-MNIST from the digit model {args.base}: {args.steps} steps, batch {FinetuneConfig.batch_size}, "
-           f"seed {args.seed}; {args.per_label} samples per label scored by bench/evaluate.py --domain fashion.", "",
+           f"seed {args.seed}; {args.per_label} samples per label scored by bench/evaluate.py --domain fashion "
+           f"--seed {args.classifier_seeds[0]}.", "",
            "| run | lora_finetune.py flags | trains (of the base's) | file (vs base) | s/step | wall | peak RSS | accuracy "
            "| of full's | FD / floor |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
