@@ -233,7 +233,7 @@ def target_ranks(targets, r):
     return ranks
 
 
-def target_of(model, name, module, named=TARGETS):
+def target_of(model, name, module, named):
     """The --lora-targets name that covers this layer, or None; a conv of an outer block is "outer" if `named`
     holds it, else "conv"."""
     parts = name.split(".")

@@ -100,7 +100,7 @@ def sample_and_score(name, weights, args, work, per_label):
     run_child(cmd, work / f"{name}.denoise.log")
     scores = {}
     for seed in args.classifier_seeds:
-        log_path = work / f"{name}.evaluate{'' if seed == 0 else f'-seed{seed}'}.log"
+        log_path = work / f"{name}.evaluate-seed{seed}.log"
         cmd = [sys.executable, "bench/evaluate.py", str(samples), "--domain", "fashion", "--data-root",
                args.data_root, "--seed", str(seed), "--json"]
         run_child(cmd, log_path)
