@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -117,19 +118,25 @@ LIMITS = {"image_size": "[1, 512]", "in_channels": "[1, 1]", "num_labels": "[1, 
 def number(kind, bounds):
     """An argparse type: a `kind` (int or float) in the interval `bounds` ("[1, 1e9]", "(0, 10]"); nan, inf,
     and anything outside are refused as one line (Parser)."""
-    lo, hi = (float(v) for v in bounds[1:-1].split(","))
-
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not ((lo < value) if bounds[0] == "(" else (lo <= value)) \
-                or not ((value < hi) if bounds[-1] == ")" else (value <= hi)):
+        if value is None or not within(bounds, value):
             raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} in {bounds}, "
                                              f"got {text or repr(text)}")
         return value
     return parse
+
+
+def within(bounds, value):
+    """Whether the number `value` lies in the interval `bounds` ("[1, 1e9]", "(0, 10]"); nan never does."""
+    lo, hi = (float(v) for v in bounds[1:-1].split(","))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    above = (lo < value) if bounds[0] == "(" else (lo <= value)
+    return above and ((value < hi) if bounds[-1] == ")" else (value <= hi))
 
 
 def numbers(kind, bounds):
@@ -236,28 +243,60 @@ def config_from_dict(cls, d):
     if unknown:
         raise UserError(f"checkpoint has settings this code does not know: {', '.join(unknown)}")
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in {**BEFORE_QUALITY, **d}.items() if k in names}
+    for name, value in d.items():                  # a hand-edited or foreign file: the flags' own limits apply
+        limit, values = LIMITS.get(name), value if isinstance(value, tuple) else (value,)
+        if limit is not None and not all(v in limit if isinstance(limit, tuple) else within(limit, v) for v in values):
+            shown = limit if isinstance(limit, str) else " or ".join(limit)
+            raise UserError(f"checkpoint setting {name} = {value!r} is outside what it may be ({shown})")
     return cls(**d)
 
 
 def check_output_path(path):
-    """Refuse early, before any work, to write into a folder that does not exist."""
+    """Refuse early, before any work, to write where writing would fail: into a folder that does not exist, over
+    a folder, under a name too long, or into a folder that cannot be written to (tried with a file made and
+    removed at once: the name itself where nothing is yet, a temporary one beside a file that is there)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
     if os.path.isdir(os.path.abspath(path)):                # ("" is the current folder)
         raise UserError(f"cannot write {path or repr(path)}: it is a folder, give a file name")
+    try:
+        if os.path.lexists(path):
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        else:
+            fd, probe = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), path
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-def make_folder(path):
-    """os.makedirs for --out-dir, refusing clearly (before any work) when a file is in the way."""
+def make_folder(path, files=(), outputs=(), flag="--out-dir"):
+    """os.makedirs for --out-dir (named `flag` in messages), refusing clearly, before any work: a file in the
+    way, a folder that cannot be made, or one of the `files` the run will write there (its figures) that could
+    not be written or is one of the run's own `outputs` ([(flag, path)]: a checkpoint, saved samples)."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out-dir {path} is a file, not a folder")
-    os.makedirs(path or ".", exist_ok=True)                 # "": the current folder
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    for out_flag, out in outputs:
+        if os.path.realpath(out) == os.path.realpath(path or "."):
+            raise UserError(f"{out_flag} {out} is {flag}, the folder for the figures: give {out_flag} a file name")
+    try:
+        os.makedirs(path or ".", exist_ok=True)             # "": the current folder
+    except OSError as e:
+        raise UserError(f"cannot make {flag} {path}: {e.strerror}") from None
+    for name in files:
+        figure = os.path.join(path, name)
+        for out_flag, out in outputs:
+            if os.path.realpath(out) == os.path.realpath(figure):
+                raise UserError(f"{out_flag} {out} is where this run writes its figure {name}: choose another name")
+        check_output_path(figure)
 
 
 def check_new_output(path, resume, overwrite, inputs=()):
     """Before any work: a run never writes over one of its inputs ([(flag, path), ...]), nor over a file the user
     already has unless asked (--overwrite; resume=None for commands without --resume)."""
+    if resume and overwrite:
+        raise UserError("--resume continues --out and --overwrite starts it over: give one of them")
     check_output_path(path)
     for flag, p in inputs:                        # an input file, or a folder of inputs (--data)
         inside = os.path.isdir(p) and os.path.commonpath([os.path.abspath(path), os.path.abspath(p)]) == os.path.abspath(p)
@@ -290,22 +329,35 @@ def atomic_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+# What every file of each kind holds (train.checkpoint_dict and lora.lora_file_dict write them).
+FILE_KEYS = {"model": ("model_config", "model", "ema", "train_config"),
+             "lora": ("rank", "alpha", "targets", "layers", "base_fingerprint", "lora")}
+
+
 def load_file(path, kind):
     """Load a checkpoint ("model") or LoRA ("lora") file saved by this project, with weights_only=True
     (the blog's listing pickles whole modules, which PyTorch >= 2.6 refuses to load by default)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a {kind} file")
     if not os.path.isfile(path):
         raise UserError(f"{kind} file {path} not found")
     if os.path.getsize(path) == 0:
         raise UserError(f"{path} is empty (0 bytes), not a {kind} file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # (torch warns about some foreign pickles before refusing them)
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a torch file at all
         raise UserError(f"{path} is not a readable {kind} file: cut short, or not saved by "
                         f"this project ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("kind") != kind:
         found = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"{path} is not a {kind} file made by this project (found: {found})")
+    missing = [key for key in FILE_KEYS[kind] if key not in obj]
+    if missing:
+        raise UserError(f"{path} is a {kind} file without {', '.join(missing)}: cut down, or not saved by this project")
     return obj
+
 
 
 def add_config_flags(parser, cfg, only=None, aliases=None):

@@ -54,12 +54,12 @@ def main():
           f"{str(dtype or 'fp32').replace('torch.bfloat16', 'bf16').replace('torch.float16', 'fp16')}) in {seconds:.1f} s")
 
     columns = process_columns(snapshots)
-    process = os.path.join(args.out_dir, "denoise_process.png")
+    process = os.path.join(args.out_dir, FIGURES["process"])
     save_process_figure([imgs for _, imgs in columns], labels[first], process,
                         ["noise"] + [f"{n}/{total}" for n, _ in columns[1:]])
-    animation = os.path.join(args.out_dir, "denoise_process.gif")
+    animation = os.path.join(args.out_dir, FIGURES["animation"])
     save_animation([imgs for _, imgs in snapshots], animation)
-    grid = os.path.join(args.out_dir, "samples.png")
+    grid = os.path.join(args.out_dir, FIGURES["grid"])
     per_row = min(args.per_label, 20)                         # the grid shows at most 20 of each label, 2,000 in all
     shown = [i for i in range(len(images)) if i % args.per_label < per_row][:2000]
     nrow = per_row if len(first) > 1 else min(len(shown), 10)
@@ -69,7 +69,7 @@ def main():
         atomic_save({"images": images, "labels": labels}, args.save_samples)
         print(f"saved {len(images)} samples to {args.save_samples}")
     if args.compare:
-        compare = os.path.join(args.out_dir, "compare.png")
+        compare = os.path.join(args.out_dir, FIGURES["compare"])
         panels = compare_base_lora_merged(model, sched, x, labels, args, device, dtype)
         save_grid({title: imgs[shown] for title, imgs in panels.items()}, compare, nrow=nrow)
         print(f"saved {compare}")
@@ -82,6 +82,9 @@ def main():
 # the figure's columns, --compare, the command line
 
 MAX_SAMPLES, CHUNK = 100_000, 1000
+# The files main writes into --out-dir (compare.png with --compare only); parse_args checks them before any work.
+FIGURES = {"process": "denoise_process.png", "animation": "denoise_process.gif", "grid": "samples.png",
+           "compare": "compare.png"}
 
 
 def sample_as_asked(model, sched, labels, args, device, dtype, keep=0, rows=(0,)):
@@ -202,10 +205,11 @@ def parse_args():
     if args.lora_scale != 1.0 and not args.lora:
         raise UserError("--lora-scale needs --lora FILE")
     args.adapters = [parse_lora_arg(text) for text in args.lora]
-    make_folder(args.out_dir)
     if args.save_samples is not None:                         # never over the model or an adapter it reads
         check_new_output(args.save_samples, None, args.overwrite,
                          [("--checkpoint", args.checkpoint), *(("--lora", p) for p, _ in args.adapters)])
+    make_folder(args.out_dir, [name for what, name in FIGURES.items() if what != "compare" or args.compare],
+                [("--save-samples", args.save_samples)] if args.save_samples else [])
     return args
 
 

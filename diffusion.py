@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from config import LIMITS, ModelConfig, Parser, SampleConfig, UserError, check_new_output, number, run_main
+from config import LIMITS, ModelConfig, Parser, SampleConfig, UserError, check_new_output, make_folder, number, run_main
 from dataset import load_images, to_model_range
 from figures import save_process_figure
 
@@ -178,7 +178,7 @@ def main():
     parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file that is not a .png")
     parser.add_argument("--seed", type=number(int, LIMITS["seed"]), default=0, help=f"random seed for the noise, in {LIMITS['seed']}")
     args = parser.parse_args()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    make_folder(os.path.dirname(args.out), flag="--out's folder")
     check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"),   # a figure, or asked
                      inputs=[("--data", args.data)])
     cfg = ModelConfig()

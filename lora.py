@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import FinetuneConfig, ModelConfig, Parser, UserError, load_file, run_main
-from unet import ConvBlock, UNet, count_parameters, load_model
+from config import LIMITS, FinetuneConfig, ModelConfig, Parser, UserError, load_file, run_main, within
+from unet import ConvBlock, UNet, check_finite, count_parameters, load_model
 
 
 class LoraLayer(nn.Module):
@@ -344,10 +344,21 @@ def check_base_fingerprint(f, path, base_print, base_name="this checkpoint"):
                         f"(fingerprint {f.get('base_fingerprint')}, this base is {base_print})")
 
 
+def load_lora_file(path):
+    """load_file(path, "lora"), refusing a rank, alpha or tensors that no adapter could have."""
+    f = load_file(path, "lora")
+    if type(f["rank"]) is not int or not within(LIMITS["lora_rank"], f["rank"]) \
+            or not within(LIMITS["lora_alpha"], f["alpha"]) or not isinstance(f["lora"], dict):
+        raise UserError(f"{path} holds rank {f['rank']!r} and alpha {f['alpha']!r}: not an adapter lora_finetune.py "
+                        f"writes (rank in {LIMITS['lora_rank']}, alpha in {LIMITS['lora_alpha']})")
+    check_finite(f["lora"], path)
+    return f
+
+
 def apply_lora_file(model, path):
     """Check that the LoRA file at `path` was made for this base model, inject LoRA with the file's
     rank, alpha and targets, and load its weights. Returns the file's dict."""
-    f = load_file(path, "lora")
+    f = load_lora_file(path)
     check_base_fingerprint(f, path, fingerprint(model))
     names = inject_lora(model, tuple(f["targets"]), f["rank"], f["alpha"])
     if names != list(f["layers"]):
@@ -393,7 +404,7 @@ def apply_lora_files(model, adapters):
 def inspect(path, base_path=None, weights="ema"):
     """Print, per adapted layer in model order, ||dW||_F of its update dW = (A B)^T alpha / r (and
     relative to ||W||_F of the base layer with --base), then the totals."""
-    f = load_file(path, "lora")
+    f = load_lora_file(path)
     base = load_model(base_path, weights)[0] if base_path else None
     if base is not None:
         check_base_fingerprint(f, path, fingerprint(base), f"{base_path} ({weights} weights)")
@@ -445,6 +456,8 @@ def main():
     parser.add_argument("--base", default=None, help="base checkpoint, to show ||dW|| relative to ||W||")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which base weights (with --base)")
     args = parser.parse_args()
+    if args.weights != "ema" and not args.base:
+        raise UserError("--weights chooses which weights of --base to read: give --base too")
     if args.inspect is not None:
         inspect(args.inspect, args.base, args.weights)
     elif args.base:

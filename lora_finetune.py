@@ -19,7 +19,7 @@ from dataset import Batches, load_images
 from diffusion import Schedule
 from lora import (check_base_fingerprint, check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   lora_plus_groups, mark_only_lora_trainable)
-from train import (EMA, Progress, adamw, checkpoint_dict, end_distributed, finish_run, fit, lr_schedule,
+from train import (EMA, Progress, adamw, checkpoint_dict, end_distributed, figure_names, finish_run, fit, lr_schedule,
                    resolve_train_config, restore_training_state, run_parser, setup_distributed, training_state)
 from unet import count_parameters, load_model
 
@@ -130,7 +130,7 @@ def parse_args():
     check_new_output(args.out, args.resume, args.overwrite, inputs=[("--base", args.base)])
     if args.lora_targets is not None:
         check_lora_targets(args.lora_targets)                 # before loading any data
-    make_folder(args.out_dir)
+    make_folder(args.out_dir, figure_names("full" if args.full else "lora"), [("--out", args.out)])
     return args
 
 

@@ -10,6 +10,7 @@ Ctrl-C saves a resumable checkpoint (a second Ctrl-C quits at once; the last goo
 lora_finetune.py reuses train_step() and fit() from this file.
 """
 import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -208,6 +209,11 @@ class Progress:
     losses: list = dataclasses.field(default_factory=list)
 
 
+def figure_names(prefix):
+    """The figures finish_run writes into --out-dir: a sample grid and the loss curve."""
+    return f"{prefix}_samples.png", f"{prefix}_loss.png"
+
+
 def finish_run(reason, model, sched, losses, out_dir, prefix, seed, is_main=True):
     """After fit(): exit with 130 if Ctrl-C stopped the run, else save a sample grid and the loss curve
     (under torchrun only rank 0 does, is_main)."""
@@ -216,7 +222,7 @@ def finish_run(reason, model, sched, losses, out_dir, prefix, seed, is_main=True
     if not is_main:
         return
     model.eval()
-    grid, curve = os.path.join(out_dir, f"{prefix}_samples.png"), os.path.join(out_dir, f"{prefix}_loss.png")
+    grid, curve = (os.path.join(out_dir, name) for name in figure_names(prefix))
     labels = torch.arange(model.cfg.num_labels).repeat_interleave(8)              # 8 of every label, SampleConfig's sampler
     g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     x, _ = backward_denoise(model, sched, labels, generator=g)
@@ -266,7 +272,15 @@ def training_state(optimizer, scheduler, batches, progress, tcfg):
             "rng": {"cpu": torch.get_rng_state(),            # the random generators, for exact resumes
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "step": progress.step, "epoch": batches.epoch, "losses": progress.losses,
-            "world_size": batches.world}
+            "world_size": batches.world, "data": data_fingerprint(batches)}
+
+
+def data_fingerprint(batches):
+    """How many images a run learns from, and a short hash of them and their labels: --resume refuses other data
+    (the saved data order indexes these very images)."""
+    h = hashlib.sha256(batches.images.contiguous().numpy().tobytes())
+    h.update(batches.labels.contiguous().numpy().tobytes())
+    return f"{len(batches.images):,d} images, hash {h.hexdigest()[:12]}"
 
 
 def restore_training_state(state, optimizer, scheduler, batches):
@@ -274,6 +288,10 @@ def restore_training_state(state, optimizer, scheduler, batches):
     if world != batches.world:      # the global batch, hence the data order, depends on the number of processes
         raise UserError(f"--resume: this run was trained by {world} process(es), resume it with the same number "
                         f"(torchrun --nproc_per_node={world}, or plain python for 1), not {batches.world}")
+    now, order = data_fingerprint(batches), state["batches"]["order"]
+    if state.get("data", now) != now or len(order) != len(batches.images):   # (older files kept only the order)
+        raise UserError(f"--resume: --data gives other images ({now}) than this run learnt from "
+                        f"({state.get('data', f'{len(order):,d} images')}); resume with the same --data")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["batches"])
@@ -333,7 +351,7 @@ def resolve_train_config(args, defaults, n_images, saved=None, world=1):
 def main():
     args = parse_args()
     check_new_output(args.out, args.resume, args.overwrite)
-    make_folder(args.out_dir)
+    make_folder(args.out_dir, figure_names("train"), [("--out", args.out)])
     rank, world, device = setup_distributed(args.device)     # torchrun: this is process `rank` of `world`
     is_main = rank == 0                                       # only the main process prints and writes files
     ckpt = load_file(args.out, "model") if args.resume else None

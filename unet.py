@@ -204,12 +204,24 @@ def load_model(path, weights="ema", device="cpu"):
 
 
 def load_weights(model, state, path):
-    """model.load_state_dict(state), with a one-line error when the file's weights do not fit."""
+    """model.load_state_dict(state), with a one-line error when the file's weights do not fit, or are not all
+    finite numbers (a run that diverged, or a damaged file, would draw black or grey noise)."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
+        problem = str(e).splitlines()[1].strip()
         raise UserError(f"{path} does not fit the model its config describes: "
-                        f"{str(e).splitlines()[1].strip()}") from None
+                        f"{problem[:200] + ' ...' if len(problem) > 200 else problem}") from None
+    check_finite(state, path)
+
+
+def check_finite(tensors, path):
+    """Refuse a file whose weights ({name: tensor}) hold nan or inf."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"{path} holds weights that are not finite numbers (nan or inf), in {bad[0]}{more}: "
+                        "a run that diverged, or a damaged file")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,38 @@ CASES = [
     # a new run does not replace a checkpoint or LoRA file the user already has
     ("train-out-exists", "train.py", ["--out", "{in}/model.pt"], ["already exists", "--resume", "--overwrite"]),
     ("finetune-out-exists", "lora_finetune.py", ["--out", "{in}/lora.pt"], ["already exists", "--overwrite"]),
+    # outputs that a run's own figures would replace, or that cannot be written: refused before any work
+    ("train-out-is-a-figure", "train.py", ["--out", "{tmp}/train_samples.png"], ["--out", "figure train_samples.png"]),
+    ("finetune-out-is-a-figure", "lora_finetune.py", ["--out", "{tmp}/lora_loss.png"], ["figure lora_loss.png"]),
+    ("denoise-save-samples-is-a-figure", "denoise.py", ["--save-samples", "{tmp}/samples.png"],
+     ["--save-samples", "figure samples.png"]),
+    ("denoise-save-samples-is-compare-figure", "denoise.py",
+     ["--lora", "{in}/lora.pt", "--compare", "--save-samples", "{tmp}/compare.png"], ["figure compare.png"]),
+    ("train-out-is-out-dir", "train.py", ["--out", "{tmp}/same", "--out-dir", "{tmp}/same"], ["--out", "is --out-dir"]),
+    ("train-out-name-too-long", "train.py", ["--out", "{tmp}/" + "a" * 300 + ".pt"], ["cannot write", "too long"]),
+    ("denoise-save-samples-name-too-long", "denoise.py", ["--save-samples", "{tmp}/" + "s" * 300 + ".pt"],
+     ["cannot write", "too long"]),
+    ("train-out-dir-below-a-file", "train.py", ["--out-dir", "{in}/notes.txt/figures"],
+     ["cannot make --out-dir", "notes.txt/figures"]),
+    ("denoise-figure-name-is-a-folder", "denoise.py", ["--out-dir", "{in}/figures"], ["samples.png", "is a folder"]),
+    ("diffusion-out-below-a-file", "diffusion.py", ["--out", "{in}/notes.txt/x.png"], ["notes.txt", "not a folder"]),
+    # --resume: only the run's own data, and not with --overwrite
+    ("train-resume-and-overwrite", "train.py --resume", ["--out", "{in}/model.pt", "--overwrite"],
+     ["--resume", "--overwrite"]),
+    ("train-resume-other-data", "train.py --resume", ["--out", "{in}/model.pt", "--data", "{in}/other_digits"],
+     ["--resume", "other images", "same --data"]),
+    ("train-resume-fewer-images", "train.py --resume", ["--out", "{in}/model.pt", "--data", "{in}/few_digits"],
+     ["--resume", "other images", "10 images"]),
+    # files of the right kind whose contents no run writes
+    ("denoise-checkpoint-nan", "denoise.py", ["--checkpoint", "{in}/nan.pt"], ["nan.pt", "not finite"]),
+    ("denoise-lora-nan", "denoise.py", ["--lora", "{in}/lora_nan.pt"], ["lora_nan.pt", "not finite"]),
+    ("denoise-lora-rank-0", "denoise.py", ["--lora", "{in}/lora_rank0.pt"], ["lora_rank0.pt", "rank 0"]),
+    ("inspect-lora-alpha-nan", "lora.py", ["--inspect", "{in}/lora_alpha_nan.pt"], ["lora_alpha_nan.pt", "alpha nan"]),
+    ("denoise-checkpoint-without-ema", "denoise.py", ["--checkpoint", "{in}/no_ema.pt"], ["no_ema.pt", "without ema"]),
+    ("denoise-config-prediction-x0", "denoise.py", ["--checkpoint", "{in}/x0.pt"], ["prediction", "'x0'"]),
+    ("denoise-checkpoint-is-a-folder", "denoise.py", ["--checkpoint", "{in}/digits"], ["digits", "is a folder"]),
+    ("inspect-weights-without-base", "lora.py", ["--inspect", "{in}/lora.pt", "--weights", "raw"],
+     ["--weights", "--base"]),
 ]
 
 DEFAULTS = {
@@ -156,6 +188,8 @@ DEFAULTS = {
     "lora_finetune.py --resume": ["--base", "{in}/model.pt", "--data", "{in}/digits"],
     "dataset.py": ["--data", "{in}/digits"],
     "bench/evaluate.py": ["{in}/notes.txt"],
+    "diffusion.py": ["--data", "{in}/digits"],
+    "lora.py": [],
 }
 
 
@@ -212,6 +246,27 @@ def inputs(tmp_path_factory, base_run, lora_run, image_folder):
     ckpt = load(base_run["ckpt"])
     ckpt["model_config"]["dropout"] = 0.1              # a setting this code does not have
     torch.save(ckpt, d / "unknown_key.pt")
+
+    ckpt = load(base_run["ckpt"])
+    ckpt["ema"]["module.head.2.weight"][0] = float("nan")     # a run that diverged
+    torch.save(ckpt, d / "nan.pt")
+    ckpt = load(base_run["ckpt"])
+    del ckpt["ema"]
+    torch.save(ckpt, d / "no_ema.pt")
+    ckpt = load(base_run["ckpt"])
+    ckpt["model_config"]["prediction"] = "x0"                  # not one of eps, v
+    torch.save(ckpt, d / "x0.pt")
+    for name, key, value in (("lora_nan", None, None), ("lora_rank0", "rank", 0),
+                             ("lora_alpha_nan", "alpha", float("nan"))):
+        lora = load(lora_run["lora"])
+        if key is None:
+            next(iter(lora["lora"].values()))[0] = float("nan")    # a fine-tuning run that diverged
+        else:
+            lora[key] = value
+        torch.save(lora, d / f"{name}.pt")
+    write_image_folder(d / "other_digits", seed=1)           # as many images as digits/, other ones
+    write_image_folder(d / "few_digits", per_label=1)
+    (d / "figures" / "samples.png").mkdir(parents=True)      # a folder where denoise.py writes a figure
 
     (d / "empty").mkdir()
     for name in ("cats", "dogs"):                                # subfolders that are not labels

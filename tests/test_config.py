@@ -72,8 +72,12 @@ def test_atomic_save_into_missing_folder_is_a_user_error(tmp_path):
 def test_load_file_refuses_bad_files(tmp_path):
     """Missing, text, truncated, wrong-kind and non-dict files are UserErrors with a useful message."""
     good = tmp_path / "good.pt"
-    torch.save({"kind": "model", "w": torch.randn(100, 100)}, good)
+    torch.save({"kind": "model", **{key: {} for key in config.FILE_KEYS["model"]}, "w": torch.randn(100, 100)}, good)
     assert load_file(str(good), "model")["kind"] == "model"
+    cut = tmp_path / "cut.pt"                          # the right kind, but not all a checkpoint holds
+    torch.save({"kind": "model", "model": {}}, cut)
+    folder = tmp_path / "folder.pt"
+    folder.mkdir()
 
     text = tmp_path / "notes.txt"
     text.write_text("hello, I am not a checkpoint\n")
@@ -84,7 +88,8 @@ def test_load_file_refuses_bad_files(tmp_path):
     a_list = tmp_path / "list.pt"
     torch.save([1, 2], a_list)
     cases = {tmp_path / "missing.pt": "not found", text: "not a readable", truncated: "not a readable",
-             lora: "found: lora", a_list: "found: list"}
+             lora: "found: lora", a_list: "found: list", cut: "without model_config, ema, train_config",
+             folder: "is a folder"}
     for path, fragment in cases.items():
         with pytest.raises(UserError) as e:
             load_file(str(path), "model")
