@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from config import Parser, UserError, check_new_output, run_main
+from config import LIMITS, Parser, UserError, check_new_output, run_main
 from figures import save_grid
 
 NAMED = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -109,13 +109,18 @@ def load_torchvision(name, root):
     return ds.data.unsqueeze(1).contiguous(), ds.targets.long()           # (N,1,28,28) uint8, (N,)
 
 
+MAX_LABELS = int(float(LIMITS["num_labels"][1:-1].split(",")[1]))      # 1000: the most a model may have
+
+
 def load_folder(path, size):
     """A folder with one subfolder per label, named 0, 1, ... (torchvision's ImageFolder layout).
     Images are made grayscale and resized to size x size."""
     if not os.path.isdir(path):
         raise UserError(f"--data {path}: no such folder (expected mnist, fashion-mnist or a folder)")
     subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    bad = [d for d in subdirs if not d.isdigit()]
+    # isdecimal, not isdigit: '²' is a digit that int() refuses. A label is a row of the model's label table,
+    # of which no model has more than config.LIMITS allows (and torch.tensor overflows past 2**63).
+    bad = [d for d in subdirs if not d.isdecimal() or int(d) >= MAX_LABELS]
     if not subdirs or bad:
         raise UserError(f"--data {path}: expected subfolders named by label (0, 1, ...), "
                         f"found {', '.join(bad[:3]) if bad else 'none'}")
