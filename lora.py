@@ -224,9 +224,10 @@ def target_ranks(targets, r):
     ranks, unknown = {}, []
     for item in targets:
         name, colon, rank = item.partition(":")
-        if name not in TARGETS or name in ranks or (colon and not (rank.isdigit() and 1 <= int(rank) <= 1024)):
+        # isdecimal, not isdigit: '²' is a digit that int() refuses
+        if name not in TARGETS or name in ranks or (colon and not (rank.isdecimal() and 1 <= int(rank) <= 1024)):
             unknown.append(item)                    # (a name given twice would leave its rank ambiguous)
-        ranks[name] = int(rank) if rank.isdigit() else r
+        ranks[name] = int(rank) if rank.isdecimal() else r
     if unknown or not targets:
         raise UserError(f"unknown or repeated LoRA target {', '.join(map(repr, unknown)) or '(none given)'}; "
                         f"valid: {', '.join(TARGETS)}, each optionally with :RANK in [1, 1024] (e.g. conv:2)")

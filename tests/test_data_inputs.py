@@ -7,6 +7,7 @@ from PIL import Image
 from config import UserError
 from conftest import TRAIN_FLAGS, check_user_error, run_script, write_image_folder
 from dataset import load_images
+from lora import target_ranks
 
 ODD_LABELS = ["²", "99999999999999999999999"]       # both pass str.isdigit(); int() refuses one, torch the other
 
@@ -33,3 +34,14 @@ def test_odd_label_folders_on_the_command_line(tmp_path):
     check_user_error(run_script("train.py", "--data", tmp_path / "d1", "--out", tmp_path / "m.pt",
                                 "--out-dir", tmp_path / "out", "--max-steps", 1, *TRAIN_FLAGS), ODD_LABELS[1])
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_odd_lora_rank():
+    """--lora-targets conv:² is refused like any other rank that is not a number in [1, 1024]."""
+    with pytest.raises(UserError, match="conv:²"):
+        target_ranks(["conv:²"], 1)
+
+
+def test_odd_lora_rank_on_the_command_line(tmp_path):
+    check_user_error(run_script("lora_finetune.py", "--lora-targets", "conv:²", "--out", tmp_path / "l.pt"),
+                     "'conv:²'")
