@@ -82,12 +82,26 @@ class Batches:
 
 # ----------------------------------------------------------------------------- beyond the blog: files, folders, shards
 
-def read_idx(path):
-    """Read an IDX file (the MNIST file format, optionally gzipped) into a uint8 tensor."""
-    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
-        data = f.read()
-    ndim = data[3]                                           # magic: 0, 0, dtype (8 = uint8), ndim
+IDX_MAGIC = {"images": 2051, "labels": 2049}      # bytes 0, 0, 8 (uint8), ndim: 3 (N, rows, cols) or 1 (N)
+
+
+def read_idx(path, kind):
+    """Read an IDX file (the MNIST file format, optionally gzipped) of `kind` ("images" or "labels") into a
+    uint8 tensor; one that is not of that kind, or holds more or fewer bytes than its header says, is refused."""
+    try:
+        with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
+            data = f.read()
+    except Exception as e:  # a .gz cut short (EOFError), not gzip at all (BadGzipFile), damaged inside (zlib.error)
+        raise UserError(f"{path} cannot be read: cut short or damaged ({type(e).__name__}); "
+                        f"replace it with a good copy") from None
+    magic, ndim = int.from_bytes(data[:4], "big"), IDX_MAGIC[kind] & 0xFF
+    if magic != IDX_MAGIC[kind]:                    # also an empty file, or images and labels swapped
+        raise UserError(f"{path} ({len(data):,d} bytes) is not an IDX {kind} file: it starts with {magic}, "
+                        f"not {IDX_MAGIC[kind]} (2051: images, 2049: labels)")
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) != 4 + 4 * ndim + torch.Size(shape).numel():
+        raise UserError(f"{path} is cut short or damaged: its header says {kind} of shape {tuple(shape)}, "
+                        f"which {len(data):,d} bytes do not hold")
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
 
 
@@ -98,7 +112,11 @@ def load_torchvision(name, root):
     for suffix in ("", ".gz"):
         files = [os.path.join(raw, f"train-{kind}-idx{n}-ubyte{suffix}") for kind, n in (("images", 3), ("labels", 1))]
         if all(os.path.isfile(f) for f in files):
-            return read_idx(files[0]).unsqueeze(1).contiguous(), read_idx(files[1]).long()
+            images, labels = read_idx(files[0], "images"), read_idx(files[1], "labels")
+            if len(images) != len(labels) or not len(images):       # (mismatched labels would train silently)
+                raise UserError(f"{raw}: its train-*{suffix} files hold {len(images):,d} images and "
+                                f"{len(labels):,d} labels; they must be as many, and at least one")
+            return images.unsqueeze(1).contiguous(), labels.long()
     cls = getattr(torchvision.datasets, NAMED[name])
     try:
         ds = cls(root=root, train=True, download=True)

@@ -1,13 +1,18 @@
 """Data that looks right but is not: odd label folder names, corrupt MNIST/Fashion-MNIST raw files, a named pipe
 among the images, 16-bit and transparent PNGs, and an odd LoRA rank. Each wrong input is one line and exit 2
 (or, for pictures that are only unusual, the right pixels). Nothing here downloads: the data is written into tmp_path."""
+import gzip
+import sys
+
 import pytest
+import torch
 from PIL import Image
 
 from config import UserError
 from conftest import TRAIN_FLAGS, check_user_error, run_script, write_image_folder
 from dataset import load_images
 from lora import target_ranks
+from test_dataset import write_idx
 
 ODD_LABELS = ["²", "99999999999999999999999"]       # both pass str.isdigit(); int() refuses one, torch the other
 
@@ -45,3 +50,60 @@ def test_odd_lora_rank():
 def test_odd_lora_rank_on_the_command_line(tmp_path):
     check_user_error(run_script("lora_finetune.py", "--lora-targets", "conv:²", "--out", tmp_path / "l.pt"),
                      "'conv:²'")
+
+
+# ----------------------------------------------------------------------------- MNIST / Fashion-MNIST raw files
+
+def fake_raw(root, n_images=5, n_labels=5):
+    """root/FashionMNIST/raw with n_images 28x28 images and n_labels labels, gzipped like torchvision's."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    files = raw / "train-images-idx3-ubyte.gz", raw / "train-labels-idx1-ubyte.gz"
+    write_idx(files[0], torch.zeros(n_images, 28, 28, dtype=torch.uint8))
+    write_idx(files[1], torch.arange(n_labels, dtype=torch.uint8) % 10)
+    return files
+
+
+def spoil(files, how):
+    images, labels = files
+    if how == "empty":                                          # plain files of 0 bytes
+        for f in files:
+            f.write_bytes(b"")
+            f.rename(str(f)[:-3])
+    elif how == "truncated gz":
+        images.write_bytes(images.read_bytes()[:len(images.read_bytes()) // 2])
+    elif how == "text named .gz":
+        images.write_text("not gzip\n")
+    elif how == "truncated plain":                              # the header promises more images than follow
+        data = gzip.decompress(images.read_bytes())
+        images.unlink()
+        open(str(images)[:-3], "wb").write(data[:-100])
+        labels.rename(str(labels)[:-3])
+    elif how == "swapped":
+        a, b = images.read_bytes(), labels.read_bytes()
+        images.write_bytes(b)
+        labels.write_bytes(a)
+
+
+@pytest.mark.parametrize("how,counts,names", [
+    ("empty", (5, 5), "train-images-idx3-ubyte"),
+    ("truncated gz", (5, 5), "train-images-idx3-ubyte.gz"),
+    ("text named .gz", (5, 5), "train-images-idx3-ubyte.gz"),
+    ("truncated plain", (5, 5), "train-images-idx3-ubyte"),
+    ("swapped", (5, 5), "train-images-idx3-ubyte.gz"),
+    ("more images than labels", (6, 3), "3 labels"),
+    ("more labels than images", (3, 6), "6 labels"),
+])
+def test_corrupt_raw_files_are_one_line(tmp_path, monkeypatch, how, counts, names):
+    """Raw IDX files that are empty, cut short, not gzip, swapped or of different lengths are refused naming
+    the file (or the two counts), before a tensor is made of them; nothing is downloaded in their place."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    spoil(fake_raw(tmp_path, *counts), how)
+    with pytest.raises(UserError, match=names):
+        load_images("fashion-mnist", str(tmp_path), 28)
+
+
+def test_corrupt_raw_file_on_the_command_line(tmp_path):
+    spoil(fake_raw(tmp_path), "truncated gz")
+    check_user_error(run_script("dataset.py", "--data", "fashion-mnist", "--data-root", tmp_path,
+                                "--out", tmp_path / "x.png"), "train-images-idx3-ubyte.gz")
