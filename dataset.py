@@ -146,8 +146,11 @@ def load_folder(path, size):
     for d in subdirs:
         folder = os.path.join(path, d)
         for name in sorted(os.listdir(folder)):
+            file = os.path.join(folder, name)
             try:
-                with Image.open(os.path.join(folder, name)) as img:
+                if not os.path.isfile(file):        # regular files only: a named pipe's open() would wait forever
+                    raise OSError(f"{file} is not a regular file")
+                with Image.open(file) as img:
                     img = img.convert("L").resize((size, size), Image.BILINEAR)
                     images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8))
             except (OSError, ValueError, Image.DecompressionBombError):    # not an image (a README, a folder): skip

@@ -2,6 +2,7 @@
 among the images, 16-bit and transparent PNGs, and an odd LoRA rank. Each wrong input is one line and exit 2
 (or, for pictures that are only unusual, the right pixels). Nothing here downloads: the data is written into tmp_path."""
 import gzip
+import os
 import sys
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from config import UserError
-from conftest import TRAIN_FLAGS, check_user_error, run_script, write_image_folder
+from conftest import TRAIN_FLAGS, check_ok, check_user_error, run_script, write_image_folder
 from dataset import load_images
 from lora import target_ranks
 from test_dataset import write_idx
@@ -107,3 +108,14 @@ def test_corrupt_raw_file_on_the_command_line(tmp_path):
     spoil(fake_raw(tmp_path), "truncated gz")
     check_user_error(run_script("dataset.py", "--data", "fashion-mnist", "--data-root", tmp_path,
                                 "--out", tmp_path / "x.png"), "train-images-idx3-ubyte.gz")
+
+
+# ----------------------------------------------------------------------------- files in the label folders
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX thing")
+def test_named_pipe_in_a_label_folder_is_skipped(tmp_path):
+    """A FIFO named like an image would block the first read forever: it is skipped with the other non-images."""
+    folder = write_image_folder(tmp_path / "d", per_label=1)
+    os.mkfifo(folder / "0" / "pipe.png")
+    result = check_ok(run_script("dataset.py", "--data", folder, "--out", tmp_path / "x.png", timeout=60))
+    assert "skipped 1 file(s)" in result.stderr and "pipe.png" in result.stderr
