@@ -151,7 +151,7 @@ def load_folder(path, size):
                 if not os.path.isfile(file):        # regular files only: a named pipe's open() would wait forever
                     raise OSError(f"{file} is not a regular file")
                 with Image.open(file) as img:
-                    img = img.convert("L").resize((size, size), Image.BILINEAR)
+                    img = grayscale(img).resize((size, size), Image.BILINEAR)
                     images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8))
             except (OSError, ValueError, Image.DecompressionBombError):    # not an image (a README, a folder): skip
                 skipped.append(os.path.join(d, name))
@@ -163,6 +163,22 @@ def load_folder(path, size):
     if not images:
         raise UserError(f"--data {path}: no readable images in its label folders")
     return torch.stack(images).view(-1, 1, size, size), torch.tensor(labels)
+
+
+def grayscale(img):
+    """A PIL image as 8-bit grayscale (mode L). convert("L") alone clips 16-bit pixels at 255 and drops alpha."""
+    if img.mode.startswith("I"):            # 16-bit (I;16, or I as older Pillow opens 16-bit PNGs): 65535 -> 255
+        return img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")          # (+ 0.5: rounded)
+    if "A" in img.getbands() or "transparency" in img.info:
+        # A transparent pixel shows what lies behind it, and behind an MNIST digit is black: composite onto black
+        # (convert("L") would show whatever colour the transparent pixels store, often white). A shape drawn in
+        # the alpha channel alone (one colour everywhere) would vanish if that colour were black: alpha is its ink.
+        rgba = img.convert("RGBA")
+        *colour, alpha = rgba.getextrema()                              # (min, max) of R, G, B and of A
+        if all(lo == hi for lo, hi in colour) and alpha[0] < alpha[1]:
+            return rgba.getchannel("A")
+        return Image.alpha_composite(Image.new("RGBA", img.size, "black"), rgba).convert("L")
+    return img.convert("L")
 
 
 def fit_size(images, size):

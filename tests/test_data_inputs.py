@@ -5,6 +5,7 @@ import gzip
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -119,3 +120,32 @@ def test_named_pipe_in_a_label_folder_is_skipped(tmp_path):
     os.mkfifo(folder / "0" / "pipe.png")
     result = check_ok(run_script("dataset.py", "--data", folder, "--out", tmp_path / "x.png", timeout=60))
     assert "skipped 1 file(s)" in result.stderr and "pipe.png" in result.stderr
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (Pillow's mode I;16) keeps its gray levels: 20000/65535 is 78/255, not 255."""
+    (tmp_path / "d" / "0").mkdir(parents=True)
+    pixels = np.full((28, 28), 20000, dtype=np.uint16)
+    pixels[0, :2] = 0, 65535
+    Image.fromarray(pixels).save(tmp_path / "d" / "0" / "a.png")
+    images, _ = load_images(str(tmp_path / "d"), None, 28)
+    assert images[0, 0, 5, 5] == 78 and images[0, 0, 0, :2].tolist() == [0, 255]
+
+
+def test_transparent_png(tmp_path):
+    """RGBA: transparent pixels show MNIST's black background; a shape drawn only in the alpha channel (the
+    colour the same everywhere) is taken as the ink, white on black; an opaque image is plain grayscale."""
+    (tmp_path / "d" / "0").mkdir(parents=True)
+    square = np.zeros((28, 28), dtype=np.uint8)
+    square[10:20, 10:20] = 255
+    for name, rgb in (("black_ink", 0), ("white_ink", 255)):           # one colour everywhere, the shape in alpha
+        rgba = np.dstack([np.full((28, 28, 3), rgb, np.uint8), square])
+        Image.fromarray(rgba, "RGBA").save(tmp_path / "d" / "0" / f"{name}.png")
+    opaque = np.dstack([np.full((28, 28, 3), 100, np.uint8), np.full((28, 28), 255, np.uint8)])
+    opaque[:14, :, 0] = 200
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "d" / "0" / "opaque.png")
+    images, _ = load_images(str(tmp_path / "d"), None, 28)
+    for i in (0, 2):                                                     # sorted: black_ink, opaque, white_ink
+        assert torch.equal(images[i, 0], torch.from_numpy(square)), i
+    expected = np.asarray(Image.fromarray(opaque[..., :3], "RGB").convert("L"))
+    assert torch.equal(images[1, 0], torch.from_numpy(expected.copy()))
