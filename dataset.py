@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from config import LIMITS, Parser, UserError, check_new_output, run_main
+from config import LIMITS, Parser, UserError, check_new_output, make_folder, run_main, within
 from figures import save_grid
 
 NAMED = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -127,18 +127,15 @@ def load_torchvision(name, root):
     return ds.data.unsqueeze(1).contiguous(), ds.targets.long()           # (N,1,28,28) uint8, (N,)
 
 
-MAX_LABELS = int(float(LIMITS["num_labels"][1:-1].split(",")[1]))      # 1000: the most a model may have
-
-
 def load_folder(path, size):
     """A folder with one subfolder per label, named 0, 1, ... (torchvision's ImageFolder layout).
     Images are made grayscale and resized to size x size."""
     if not os.path.isdir(path):
         raise UserError(f"--data {path}: no such folder (expected mnist, fashion-mnist or a folder)")
     subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    # isdecimal, not isdigit: '²' is a digit that int() refuses. A label is a row of the model's label table,
-    # of which no model has more than config.LIMITS allows (and torch.tensor overflows past 2**63).
-    bad = [d for d in subdirs if not d.isdecimal() or int(d) >= MAX_LABELS]
+    # isdecimal, not isdigit: '²' is a digit that int() refuses. Label d needs a model of d + 1 labels, which
+    # config.LIMITS bounds (and torch.tensor overflows past 2**63).
+    bad = [d for d in subdirs if not d.isdecimal() or not within(LIMITS["num_labels"], int(d) + 1)]
     if not subdirs or bad:
         raise UserError(f"--data {path}: expected subfolders named by label (0, 1, ...), "
                         f"found {', '.join(bad[:3]) if bad else 'none'}")
@@ -200,7 +197,7 @@ def main():
     parser.add_argument("--out", default="outputs/dataset.png", help="PNG file to write (an existing PNG is replaced)")
     parser.add_argument("--overwrite", action="store_true", help="let --out replace an existing file that is not a .png")
     args = parser.parse_args()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    make_folder(os.path.dirname(args.out), flag="--out's folder")
     check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"),   # a figure, or asked
                      inputs=[("--data", args.data)])
     images, labels = load_images(args.data, args.data_root, 28)

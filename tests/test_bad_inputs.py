@@ -160,6 +160,7 @@ CASES = [
      ["cannot make --out-dir", "notes.txt/figures"]),
     ("denoise-figure-name-is-a-folder", "denoise.py", ["--out-dir", "{in}/figures"], ["samples.png", "is a folder"]),
     ("diffusion-out-below-a-file", "diffusion.py", ["--out", "{in}/notes.txt/x.png"], ["notes.txt", "not a folder"]),
+    ("dataset-out-below-a-file", "dataset.py", ["--out", "{in}/notes.txt/x.png"], ["notes.txt", "not a folder"]),
     # --resume: only the run's own data, and not with --overwrite
     ("train-resume-and-overwrite", "train.py --resume", ["--out", "{in}/model.pt", "--overwrite"],
      ["--resume", "--overwrite"]),
