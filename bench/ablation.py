@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.evaluate import DataError, UsageError, load_classifier, score  # noqa: E402
+from bench.evaluate import DataError, UsageError, load_classifier, names, score, writable_folder  # noqa: E402
 from bench.knobs import Variant, sample  # noqa: E402
-from config import UserError, number, run_main  # noqa: E402
+from config import Parser, UserError, number, run_main  # noqa: E402
 from unet import load_model  # noqa: E402
 
 # training variants: run name -> train.py flags on top of the defaults. The rows that switch one older change
@@ -101,20 +101,18 @@ def train(name, flags, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter      # --help keeps the docstring's layout
     parser.add_argument("--data", default="mnist", help="passed to train.py (default: %(default)s)")
-    parser.add_argument("--runs-dir", default=str(ROOT / "bench" / ".ablation"), help="where the runs go")
+    parser.add_argument("--runs-dir", type=writable_folder, default=str(ROOT / "bench" / ".ablation"),
+                        help="where the runs go")
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="trainings at a time")
     parser.add_argument("--per-label", type=number(int, "[1, 10000]"), default=100, help="samples per digit and row")
     parser.add_argument("--seed", type=number(int, "[0, 1e9]"), default=0, help="sampling seed, the same for every row")
-    parser.add_argument("--only", default=None, help="comma-separated run names: train only these, no table")
+    parser.add_argument("--only", type=names(TRAININGS), default=None,
+                        help="comma-separated run names: train only these, no table")
     args = parser.parse_args()
-    needed = list(dict.fromkeys(run for _, _, run, _ in ROWS))
-    if args.only:
-        needed = args.only.split(",")
-        unknown = [n for n in needed if n not in TRAININGS]
-        if unknown:
-            raise UserError(f"--only: unknown run {', '.join(unknown)}; the runs are {', '.join(TRAININGS)}")
+    needed = args.only or list(dict.fromkeys(run for _, _, run, _ in ROWS))
     with ThreadPoolExecutor(args.jobs) as pool:
         trained = dict(zip(needed, pool.map(lambda n: train(n, TRAININGS[n], args), needed)))
     if args.only:

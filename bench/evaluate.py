@@ -44,6 +44,7 @@ What the numbers mean:
 
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -156,38 +157,58 @@ def _idx_split(folder, prefix):
     return images.unsqueeze(1).contiguous(), labels.long()
 
 
-def _load_png_folder(folder, cache_dir):
-    """All images of an ImageFolder of 28x28 PNGs (folders 0..9) as one uint8 tensor, cached."""
+def _fingerprint(folder):
+    """A hash of the name, size and modification time of every file under folder: cheap (no image is read),
+    and another one when an image is replaced, added or removed, so that a cache of the old images goes stale."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _load_png_folder(folder, cache_dir, fingerprint=None):
+    """All images of an ImageFolder of 28x28 PNGs (folders 0..9) as one uint8 tensor, cached (keyed by the
+    folder and its _fingerprint). Files that cannot be read as images are skipped with one warning, as
+    dataset.py does for train.py --data (this file imports nothing from the project, so not its loader)."""
     folder = Path(folder).resolve()
+    fingerprint = fingerprint or _fingerprint(folder)
     cache = Path(cache_dir) / "mnist_folder_uint8.pt"
     if cache.is_file():
         try:
             c = torch.load(cache, map_location="cpu", weights_only=True)
-            if c.get("source") == str(folder):
+            if c.get("source") == str(folder) and c.get("fingerprint") == fingerprint:
                 return c["images"], c["labels"]
         except Exception:
             pass  # unreadable cache: rebuild it
     classes = sorted((d for d in folder.iterdir() if d.is_dir()), key=lambda d: d.name)
     if [d.name for d in classes] != [str(i) for i in range(10)]:
         raise DataError(f"{folder}: expected subfolders 0..9, found {[d.name for d in classes]}")
-    images, labels = [], []
+    images, labels, skipped = [], [], []
     for d in classes:
         for f in sorted(d.iterdir()):
             if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
                 continue
-            with Image.open(f) as im:
-                im = im.convert("L")
-                if im.size != (28, 28):
-                    im = im.resize((28, 28), Image.BILINEAR)
-                images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8))
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L")
+                    if im.size != (28, 28):
+                        im = im.resize((28, 28), Image.BILINEAR)
+                    images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8))
+            except (OSError, ValueError, Image.DecompressionBombError):    # not an image after all
+                skipped.append(f"{d.name}/{f.name}")
+                continue
             labels.append(int(d.name))
+    if skipped:
+        print(f"warning: {folder}: skipped {len(skipped)} file(s) that are not images: "
+              f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
     if not images:
         raise DataError(f"{folder}: no images found")
     images = torch.stack(images).reshape(-1, 1, 28, 28)
     labels = torch.tensor(labels, dtype=torch.int64)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    torch.save({"images": images, "labels": labels, "source": str(folder)}, tmp)
+    torch.save({"images": images, "labels": labels, "source": str(folder), "fingerprint": fingerprint}, tmp)
     os.replace(tmp, cache)
     return images, labels
 
@@ -216,14 +237,16 @@ def load_real(domain, data_root=None, mnist_folder=None, cache_dir=None, seed=0)
                     source=f"MNIST {tv_raw} (train 60k -> classifier, test 10k -> held out)")
     if not folder.is_dir():
         raise DataError(f"MNIST folder not found: {folder} (pass --mnist-folder or --data-root)")
-    x, y = _load_png_folder(folder, cache_dir)
+    fingerprint = _fingerprint(folder)           # in `source`: other images in the folder, another classifier
+    x, y = _load_png_folder(folder, cache_dir, fingerprint)
     # Fixed, seeded split: 80% trains the classifier, 20% is held out (8,000 / 2,000 for t10k).
     g = torch.Generator().manual_seed(1000 + seed)
     perm = torch.randperm(len(x), generator=g)
     n_held = len(x) // 5
     held, train = perm[:n_held], perm[n_held:]
     return dict(train_x=x[train], train_y=y[train], held_x=x[held], held_y=y[held],
-                source=f"MNIST folder {folder} ({len(train)} -> classifier, {n_held} -> held out)")
+                source=f"MNIST folder {folder} (contents {fingerprint}; {len(train)} -> classifier, "
+                       f"{n_held} -> held out)")
 
 
 def export_train_split(out_dir, data_root=None, mnist_folder=None, cache_dir=None, seed=0):
@@ -554,6 +577,29 @@ def whole(lo, hi):
     return parse
 
 
+def writable_folder(text):
+    """An argparse type: a folder to write into, made later if missing; refused (one line) when it, or the
+    nearest part of its path that exists, is a file. The bench scripts share it for their folder flags."""
+    path = os.path.abspath(text)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    return text
+
+
+def names(known):
+    """An argparse type: comma-separated names, each one of `known` (at least one); a list, each name once."""
+    def parse(text):
+        chosen = [n for n in text.split(",") if n]
+        unknown = [n for n in chosen if n not in known]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"{'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
+                                             f"choose from {', '.join(known)}")
+        return list(dict.fromkeys(chosen))
+    return parse
+
+
 def main(argv=None):
     p = OneLineParser(description="Score generated 28x28 samples with an independent "
                       "classifier: label accuracy and Frechet distance vs real data.")
@@ -562,7 +608,7 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help=f"default {DEFAULT_DATA_ROOT} (../shared/data)")
     p.add_argument("--mnist-folder", default=None, help="ImageFolder of MNIST PNGs "
                    "(default <data-root>/mnist-t10k)")
-    p.add_argument("--cache-dir", default=None, help=f"default {DEFAULT_CACHE_DIR}")
+    p.add_argument("--cache-dir", type=writable_folder, default=None, help=f"default {DEFAULT_CACHE_DIR}")
     p.add_argument("--seed", type=whole(0, 2**31 - 1), default=0, help="in 0..2**31-1 (default 0)")
     p.add_argument("--threads", type=whole(1, 1024), default=1, help="torch threads, in 1..1024 (default 1)")
     p.add_argument("--retrain", action="store_true", help="ignore a cached classifier")

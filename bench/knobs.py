@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.evaluate import DataError, UsageError, load_classifier, score  # noqa: E402
-from config import SampleConfig, UserError, autocast_dtype, pick_device, run_main  # noqa: E402
+from bench.evaluate import DataError, UsageError, load_classifier, score, writable_folder  # noqa: E402
+from config import LIMITS, Parser, SampleConfig, UserError, autocast_dtype, number, pick_device, run_main  # noqa: E402
 from diffusion import Schedule, backward_denoise  # noqa: E402
 from figures import to_uint8  # noqa: E402
 from unet import load_model  # noqa: E402
@@ -106,26 +106,28 @@ def markdown(groups, results, header):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter      # --help keeps the docstring's layout
     add = parser.add_argument
     add("--checkpoint", default="model.pt", help="model file written by train.py (default: %(default)s)")
-    add("--per-label", type=int, default=50, help="samples per digit, per variant (default: %(default)s)")
-    add("--seed", type=int, default=0, help="sampling seed, the same for every variant (default: %(default)s)")
+    add("--per-label", type=number(int, "[1, 1e5]"), default=50,
+        help="samples per digit, per variant, in [1, 1e5] (default: %(default)s)")
+    add("--seed", type=number(int, LIMITS["seed"]), default=0,
+        help=f"sampling seed, the same for every variant, in {LIMITS['seed']} (default: %(default)s)")
     add("--with-ddpm", action="store_true", help="also sample with DDPM over all T steps (slow)")
     add("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name (default: auto)")
-    add("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own default)")
+    add("--threads", type=number(int, "[1, 1024]"), default=None,
+        help="torch.set_num_threads, in [1, 1024] (default: torch's own default)")
     add("--data-root", default=None, help="passed to the evaluator (default: ../shared/data)")
     add("--mnist-folder", default=None,
         help="passed to the evaluator: ImageFolder of real MNIST PNGs (default: <data-root>/mnist-t10k)")
-    add("--cache-dir", default=None, help="passed to the evaluator (default: bench/.cache)")
+    add("--cache-dir", type=writable_folder, default=None, help="passed to the evaluator (default: bench/.cache)")
     add("--json", action="store_true", help="print one JSON object instead of the table")
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
-    if args.per_label < 1:
-        raise UserError(f"--per-label must be positive, got {args.per_label}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

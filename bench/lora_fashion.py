@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from config import FinetuneConfig, UserError, numbers, run_main  # noqa: E402
+from bench.evaluate import names, writable_folder  # noqa: E402
+from config import LIMITS, FinetuneConfig, Parser, UserError, number, numbers, run_main  # noqa: E402
 
 # name: lora_finetune.py flags (beyond the shared ones in fine_tune). The blog's targets first, then what
 # each of the default's three choices buys: LoRA+ (B's lr 16 x A's), rank 4 on the convs' bottleneck, and the
@@ -62,16 +63,18 @@ def log(message):
 
 
 def run_child(cmd, log_path):
-    """Run cmd in the repo root with its output in log_path; returns (wall seconds, peak RSS MiB)."""
+    """Run cmd in the repo root with its output in log_path, after the command itself; returns (wall seconds,
+    peak RSS MiB). A failure is one line: the child's last line and the log's name."""
     start = time.perf_counter()
     with open(log_path, "w") as out:
+        print(" ".join(map(str, cmd)), file=out, flush=True)
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)            # this child's own resource usage
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     if proc.returncode:
-        tail = Path(log_path).read_text()[-2000:]
-        raise UserError(f"{' '.join(map(str, cmd))} failed (exit {proc.returncode}); see {log_path}:\n{tail}")
+        last = Path(log_path).read_text().strip().splitlines()[-1].removeprefix("error: ")
+        raise UserError(f"{cmd[1]} failed (exit {proc.returncode}: {last}); see {log_path}")
     return seconds, usage.ru_maxrss / 1024                   # Linux reports KiB
 
 
@@ -96,7 +99,7 @@ def sample_and_score(name, weights, args, work, per_label):
     --classifier-seeds; returns {classifier seed: its JSON}, and the samples file."""
     samples = work / f"{name}.samples.pt"
     cmd = [sys.executable, "denoise.py", "--per-label", str(per_label), "--seed", str(args.seed),
-           "--out-dir", str(work / name / "denoise"), "--save-samples", str(samples), *weights]
+           "--out-dir", str(work / name / "denoise"), "--save-samples", str(samples), "--overwrite", *weights]
     run_child(cmd, work / f"{name}.denoise.log")
     scores = {}
     for seed in args.classifier_seeds:
@@ -169,24 +172,25 @@ def save_figures(rows, samples, lora_files, args, work):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter      # --help keeps the docstring's layout
     parser.add_argument("--base", default="model.pt", help="digit model from train.py (read only)")
     parser.add_argument("--data-root", default="../shared/data", help="where FashionMNIST/ is")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"which of {', '.join(RUNS)}")
-    parser.add_argument("--steps", type=int, default=FinetuneConfig.max_steps, help="fine-tuning steps of every run")
-    parser.add_argument("--per-label", type=int, default=100, help="samples per label to score")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=names(RUNS), default=",".join(RUNS), help=f"which of {', '.join(RUNS)}")
+    parser.add_argument("--steps", type=number(int, LIMITS["max_steps"]), default=FinetuneConfig.max_steps,
+                        help="fine-tuning steps of every run")
+    parser.add_argument("--per-label", type=number(int, "[1, 1e5]"), default=100, help="samples per label to score")
+    parser.add_argument("--seed", type=number(int, LIMITS["seed"]), default=0)
     parser.add_argument("--classifier-seeds", type=numbers(int, "[0, 2147483647]"), default=(0,),
                         help="score with the evaluator's classifier of each of these seeds (e.g. 0,1,2; the first "
                         "fills the main table)")
-    parser.add_argument("--work", default="bench/.lora_fashion", help="folder for the runs' files and logs")
-    parser.add_argument("--figures", default="bench/figures", help="where the two figures go")
+    # The bench owns --work: a run again in the same folder redoes every file there (its children are given
+    # --overwrite), as a user who runs a benchmark again expects, rather than mixing old files with new ones.
+    parser.add_argument("--work", type=writable_folder, default="bench/.lora_fashion",
+                        help="folder for the runs' files and logs (a run again replaces them)")
+    parser.add_argument("--figures", type=writable_folder, default="bench/figures", help="where the two figures go")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 2 samples per label")
     args = parser.parse_args()
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown or not names:
-        raise UserError(f"--runs: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNS)}")
     if not os.path.isfile(args.base):
         raise UserError(f"--base {args.base}: not found (train one with python train.py)")
     if not args.classifier_seeds or len(set(args.classifier_seeds)) < len(args.classifier_seeds):
@@ -197,7 +201,7 @@ def main():
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     rows, samples, lora_files = [], {}, {}
-    for name in names:
+    for name in args.runs:
         flags = RUNS[name]
         row = {"name": name, "flags": flags}
         weights = ["--checkpoint", args.base]

@@ -47,8 +47,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from config import (FinetuneConfig, ModelConfig, SampleConfig, TrainConfig, UserError, atomic_save,  # noqa: E402
-                    autocast_dtype, run_main)
+from bench.evaluate import names  # noqa: E402
+from config import (LIMITS, FinetuneConfig, ModelConfig, Parser, SampleConfig, TrainConfig, atomic_save,  # noqa: E402
+                    autocast_dtype, number, pick_device, run_main)
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise, guidance_at, timesteps  # noqa: E402
 from lora import (LoraConv2d, LoraEmbedding, inject_lora, lora_layers, mark_only_lora_trainable,  # noqa: E402
@@ -384,12 +385,12 @@ PARTS = ("training", "sampling", "lora", "cli", "memory")
 MEMORY_RUNS = ("baseline", "default", "tutorial")
 
 
-def measure_memory(plan, args, env):
-    setups = {n: (b, d) for n, _, b, d, _ in training_setups(args.batch_size, torch.device(args.device))}
+def measure_memory(plan, args, device, env):
+    setups = {n: (b, d) for n, _, b, d, _ in training_setups(args.batch_size, device)}
     rows = []
     for name in MEMORY_RUNS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--batch-size",
-               str(args.batch_size), "--device", args.device] + (["--quick"] if args.quick else [])
+               str(args.batch_size), "--device", str(device)] + (["--quick"] if args.quick else [])
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         log(f"memory: {name}")
@@ -470,20 +471,21 @@ def machine_summary(device):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter      # --help keeps the docstring's layout
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1-2 rounds of 1-2 steps, 10 digits, 1 CLI run (numbers not meaningful)")
     parser.add_argument("--checkpoint", default=None,
                         help="model file from train.py for the sampling and CLI timings "
                              "(default: a random-weight checkpoint written to a temporary folder)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads here and OMP_NUM_THREADS for the subprocesses "
+    parser.add_argument("--threads", type=number(int, "[1, 1024]"), default=None,
+                        help="torch.set_num_threads here and OMP_NUM_THREADS for the subprocesses, in [1, 1024] "
                              "(default: torch's own default)")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size,
-                        help=f"training batch of the default model (default: %(default)s; "
+    parser.add_argument("--batch-size", type=number(int, LIMITS["batch_size"]), default=TrainConfig().batch_size,
+                        help=f"training batch of the default model, in {LIMITS['batch_size']} (default: %(default)s; "
                              f"the tutorial shape always uses {TUTORIAL_BATCH}, as the tutorial did)")
     parser.add_argument("--device", default="cpu", help="torch device to measure on (default: %(default)s)")
-    parser.add_argument("--parts", default=",".join(PARTS),
+    parser.add_argument("--parts", type=names(PARTS), default=",".join(PARTS),
                         help="comma-separated subset of what to measure (default: all: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     parser.add_argument("--memory-child", default=None, choices=MEMORY_RUNS,
@@ -497,12 +499,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     if args.memory_child:
         return memory_child(args.memory_child, plan["memory_steps"], args.batch_size, device)
-    parts = set(args.parts.split(","))
-    if not parts <= set(PARTS):
-        raise UserError(f"--parts: expected a subset of {','.join(PARTS)}, got {args.parts!r}")
+    parts = set(args.parts)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     results = {"machine": machine_summary(device), "plan": plan}
     if "training" in parts:
@@ -524,7 +524,7 @@ def main():
             log("end to end: denoise.py vs bare imports")
             results["cli"] = measure_cli(plan, checkpoint, device, env)
     if "memory" in parts:
-        results["memory"] = measure_memory(plan, args, env)
+        results["memory"] = measure_memory(plan, args, device, env)
     print(json.dumps(results, indent=1) if args.json else markdown(results))
 
 

@@ -1,0 +1,132 @@
+"""Wrong input to the bench scripts (bench/*.py) ends as it does for the project's commands: one `error:` line,
+exit code 2, before any work, no file written; a bench run again in the same --work folder redoes its files; the
+evaluator's cache of an image folder follows the folder's contents. Fast: the cases that stop at their flags run
+in test_bad_inputs.py's fork server (torch imported once); nothing trains for real but the evaluator's tiny CNN."""
+import os
+
+import pytest
+import torch
+
+import bench.evaluate as ev
+from conftest import check_ok, check_user_error, write_image_folder
+from test_bad_inputs import cli, snapshot  # noqa: F401  (fixture)
+
+# (id, script, args, fragments of the error line). {file}: an existing file; {tmp}: the case's own folder;
+# {ckpt}: the session's tiny checkpoint; {digits}: a tiny image folder; {samples}: a good samples file.
+CASES = [
+    ("knobs-threads-negative", "bench/knobs.py", ["--threads", "-1"], ["--threads", "got -1"]),
+    ("knobs-seed-too-large", "bench/knobs.py", ["--seed", "99999999999999999999"],
+     ["--seed", "got 99999999999999999999"]),
+    ("knobs-per-label-not-a-number", "bench/knobs.py", ["--per-label", "x"], ["--per-label", "got x"]),
+    ("knobs-cache-dir-is-a-file", "bench/knobs.py", ["--cache-dir", "{file}", "--mnist-folder", "{digits}"],
+     ["--cache-dir", "is a file, not a folder"]),
+    ("evaluate-cache-dir-is-a-file", "bench/evaluate.py", ["{samples}", "--cache-dir", "{file}",
+                                                           "--mnist-folder", "{digits}"], ["--cache-dir", "is a file"]),
+    ("speed-device-not-a-device", "bench/speed.py", ["--quick", "--device", "gpu0"], ["gpu0", "not a device"]),
+    ("speed-threads-negative", "bench/speed.py", ["--quick", "--threads", "-1"], ["--threads", "got -1"]),
+    ("speed-batch-size-0", "bench/speed.py", ["--quick", "--batch-size", "0", "--parts", "training"],
+     ["--batch-size", "got 0"]),
+    ("speed-parts-unknown", "bench/speed.py", ["--quick", "--parts", "training,fast"], ["--parts", "unknown fast"]),
+    ("ablation-runs-dir-is-a-file", "bench/ablation.py", ["--runs-dir", "{file}", "--only", "default"],
+     ["--runs-dir", "is a file, not a folder"]),
+    ("ablation-only-empty", "bench/ablation.py", ["--runs-dir", "{tmp}/runs", "--data", "{tmp}/nodata", "--only", ""],
+     ["--only", "none given"]),
+    ("ablation-per-label-not-a-number", "bench/ablation.py", ["--per-label", "x"], ["--per-label", "got x"]),
+    # (--runs base: the unfixed script did one run, then failed at --figures)
+    ("lora-fashion-figures-is-a-file", "bench/lora_fashion.py",
+     ["--base", "{ckpt}", "--quick", "--runs", "base", "--work", "{tmp}/W", "--figures", "{file}"],
+     ["--figures", "is a file"]),
+    ("lora-fashion-work-is-a-file", "bench/lora_fashion.py",
+     ["--base", "{ckpt}", "--quick", "--runs", "base", "--work", "{file}"], ["--work", "is a file"]),
+    ("lora-fashion-steps-not-a-number", "bench/lora_fashion.py", ["--base", "{ckpt}", "--steps", "x"],
+     ["--steps", "got x"]),
+    ("lora-fashion-seed-too-large", "bench/lora_fashion.py", ["--base", "{ckpt}", "--seed", "99999999999999999999"],
+     ["--seed", "got 99999999999999999999"]),
+]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, base_run):
+    """Read-only inputs for the cases: the tiny checkpoint, a tiny image folder, a good samples file."""
+    d = tmp_path_factory.mktemp("bench-inputs")
+    torch.save({"images": torch.zeros(10, 1, 28, 28, dtype=torch.uint8), "labels": torch.arange(10)}, d / "s.pt")
+    return {"ckpt": base_run["ckpt"], "digits": write_image_folder(d / "digits"), "samples": d / "s.pt"}
+
+
+@pytest.mark.parametrize("script,args,fragments", [pytest.param(*case[1:], id=case[0]) for case in CASES])
+def test_bad_bench_input(cli, shared, tmp_path, script, args, fragments):
+    (tmp_path / "afile.pt").write_text("a file the user has\n")
+    before = snapshot(tmp_path)
+    names = {"{file}": tmp_path / "afile.pt", "{tmp}": tmp_path, **{f"{{{k}}}": v for k, v in shared.items()}}
+    for name, value in names.items():
+        args = [a.replace(name, str(value)) for a in args]
+    check_user_error(cli.run(script, *args), *fragments)
+    assert snapshot(tmp_path) == before                     # nothing written, the file kept
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_speed_on_a_gpu_the_machine_does_not_have(cli):
+    check_user_error(cli.run("bench/speed.py", "--quick", "--device", "cuda"), "--device cuda", "no cuda device")
+
+
+# lora_fashion.py with the evaluator's score faked (bench/evaluate.py is tested on its own; a real one would
+# train a classifier on Fashion-MNIST): every other child runs for real.
+FIXED_SCORE = r"""
+import json
+import bench.lora_fashion as bench
+real = bench.run_child
+def run_child(cmd, log_path):
+    if "bench/evaluate.py" in cmd:
+        log_path.write_text(json.dumps({"accuracy": 0.5, "fd_ratio": 2.0}) + "\n")
+        return 0.0, 0.0
+    return real(cmd, log_path)
+bench.run_child = run_child
+bench.run_main(bench.main)
+"""
+
+
+def test_lora_fashion_runs_again_in_the_same_work_folder(cli, base_run, tmp_path):
+    """The bench owns its --work folder's files: a second run redoes them (it used to stop at denoise.py, which
+    refused to replace the first run's samples, leaving them older than what they were sampled from)."""
+    args = ["--base", base_run["ckpt"], "--quick", "--runs", "base", "--work", tmp_path / "W",
+            "--figures", tmp_path / "F"]
+    check_ok(cli.run(None, *args, code=FIXED_SCORE))
+    samples = tmp_path / "W" / "base.samples.pt"
+    first = samples.stat().st_ino
+    result = check_ok(cli.run(None, *args, code=FIXED_SCORE))
+    assert samples.stat().st_ino != first and "| base |" in result.stdout      # written again (atomically)
+    assert (tmp_path / "F" / "lora_fashion.png").is_file()
+
+
+def test_lora_fashion_child_failure_is_one_line_naming_its_log(cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    line = check_user_error(cli.run(None, "--base", tmp_path / "notes.txt", "--quick", "--runs", "base", "--work",
+                                    tmp_path / "W", "--figures", tmp_path / "F", code=FIXED_SCORE),
+                            "denoise.py failed (exit 2", "not a readable model file")
+    assert line.endswith(f"see {tmp_path / 'W' / 'base.denoise.log'}")
+    assert "denoise.py" in (tmp_path / "W" / "base.denoise.log").read_text().splitlines()[0]   # the command
+
+
+def test_evaluate_cache_follows_the_folders_contents(tmp_path):
+    """Other images in the --mnist-folder (the same names and count): new images and a new classifier, not the
+    cached ones of the old images."""
+    folder, cache = write_image_folder(tmp_path / "digits", seed=0), tmp_path / "cache"
+    load = lambda: ev.load_classifier("mnist", mnist_folder=folder, cache_dir=cache, verbose=False)[1]  # noqa: E731
+    first = load()
+    assert load()["cached"]                                 # the same folder: from the cache
+    stamps = {f: f.stat().st_mtime_ns for f in folder.rglob("*.png")}
+    write_image_folder(folder, seed=1)
+    for f, ns in stamps.items():                            # written a second later (whatever the clock's resolution)
+        os.utime(f, ns=(ns + 10 ** 9, ns + 10 ** 9))
+    second = load()
+    assert not second["cached"] and not torch.equal(second["train_x"], first["train_x"])
+    assert second["source"] != first["source"]
+
+
+def test_evaluate_skips_a_file_that_is_not_an_image(tmp_path, capsys):
+    """As train.py --data does (dataset.load_folder): skipped with one warning that names it."""
+    folder = write_image_folder(tmp_path / "digits")
+    (folder / "3" / "bad.png").write_text("not an image\n")
+    real = ev.load_real("mnist", mnist_folder=folder, cache_dir=tmp_path / "cache")
+    assert len(real["train_x"]) + len(real["held_x"]) == 30
+    assert "skipped 1 file(s) that are not images: 3/bad.png" in capsys.readouterr().err
