@@ -10,6 +10,7 @@
 """
 import math
 import os
+import sys
 import time
 
 import torch
@@ -44,6 +45,9 @@ def main():
                                   for (path, w), f in zip(args.adapters, files))
               + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
     sched = Schedule.from_config(model.cfg)
+    if args.guidance > 0 and args.guidance_interval[0] > model.cfg.T - 1:   # e.g. the default on a model of T <= 100
+        print(f"warning: --guidance-interval starts at t={args.guidance_interval[0]}, past this model's last step "
+              f"(T={model.cfg.T}): no step is guided (give LO,HI within 0..{model.cfg.T - 1})", file=sys.stderr)
 
     start = time.time()
     x, snapshots = sample_as_asked(model, sched, labels, args, device, dtype, SampleConfig.gif_frames, first)

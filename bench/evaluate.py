@@ -52,6 +52,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,7 +109,9 @@ def load_samples(path):
     if not path.is_file():
         raise UsageError(f"samples file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # (torch warns about some foreign pickles before refusing them)
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, pickled objects, truncated, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"could not read {path} with torch.load(weights_only=True) (not a "

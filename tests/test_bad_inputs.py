@@ -12,6 +12,7 @@ test_bad_input_in_a_fresh_interpreter runs a few cases as plain processes too.
 """
 import hashlib
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TRAIN_FLAGS, _env, check_user_error, run_python, run_script, write_image_folder
+from conftest import ROOT, TRAIN_FLAGS, _env, check_ok, check_user_error, run_python, run_script, write_image_folder
 
 # ----------------------------------------------------------------------------- the cases
 # (id, script, args, fragments the error line must contain). {in} is a fresh copy of the inputs
@@ -460,3 +461,26 @@ def test_second_ctrl_c_quits_at_once_and_keeps_the_old_checkpoint(cli, inputs, t
     assert ("written to" in result.stdout) == (when == "save")
     assert snapshot(tmp_path) == before                          # no .tmp-* left, model.pt unchanged
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["kind"] == "model"
+
+
+def test_a_foreign_pickle_is_refused_in_one_line(cli, tmp_path):
+    """A file pickled without torch: torch.load warns about its protocol before refusing it, and that warning
+    must not come out beside the one error line (denoise.py, and bench/evaluate.py for a samples file)."""
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"kind": "model", "images": [1, 2]}, protocol=4))
+    for script, args in (("denoise.py", ["--checkpoint", path, "--out-dir", tmp_path]), ("bench/evaluate.py", [path])):
+        result = cli.run(script, *args)
+        check_user_error(result, "plain.pt")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_guidance_interval_past_the_models_steps_is_said(cli, inputs, tmp_path):
+    """The default interval (t in 100..600) holds no step of a model with T = 50: sampling is unguided, and
+    denoise.py says so instead of leaving it silent; an interval within its steps is not warned about."""
+    base = ["--checkpoint", inputs / "model.pt", "--labels", "0", "--steps", "2", "--out-dir", tmp_path, "--device", "cpu"]
+    warned = cli.run("denoise.py", *base)
+    check_ok(warned)
+    assert "warning: --guidance-interval starts at t=100" in warned.stderr and "T=50" in warned.stderr
+    quiet = cli.run("denoise.py", *base, "--guidance-interval", "10,40")
+    check_ok(quiet)
+    assert "warning" not in quiet.stderr
