@@ -190,7 +190,7 @@ def _load_png_folder(folder, cache_dir, fingerprint=None):
     images, labels, skipped = [], [], []
     for d in classes:
         for f in sorted(d.iterdir()):
-            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp") or not f.is_file():    # (a named pipe: hangs)
                 continue
             try:
                 with Image.open(f) as im:

@@ -477,7 +477,8 @@ def test_a_foreign_pickle_is_refused_in_one_line(cli, tmp_path):
 def test_a_guidance_interval_past_the_models_steps_is_said(cli, inputs, tmp_path):
     """The default interval (t in 100..600) holds no step of a model with T = 50: sampling is unguided, and
     denoise.py says so instead of leaving it silent; an interval within its steps is not warned about."""
-    base = ["--checkpoint", inputs / "model.pt", "--labels", "0", "--steps", "2", "--out-dir", tmp_path, "--device", "cpu"]
+    base = ["--checkpoint", inputs / "model.pt", "--labels", "0", "--steps", "2", "--out-dir", tmp_path,
+            "--device", "cpu"]
     warned = cli.run("denoise.py", *base)
     check_ok(warned)
     assert "warning: --guidance-interval starts at t=100" in warned.stderr and "T=50" in warned.stderr

@@ -130,3 +130,14 @@ def test_evaluate_skips_a_file_that_is_not_an_image(tmp_path, capsys):
     real = ev.load_real("mnist", mnist_folder=folder, cache_dir=tmp_path / "cache")
     assert len(real["train_x"]) + len(real["held_x"]) == 30
     assert "skipped 1 file(s) that are not images: 3/bad.png" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_evaluate_passes_over_a_named_pipe(cli, tmp_path):
+    """A named pipe called 0/pipe.png in --mnist-folder is passed over, not opened (open() would wait forever)."""
+    folder = write_image_folder(tmp_path / "digits", per_label=1)
+    os.mkfifo(folder / "0" / "pipe.png")
+    code = "import sys; import bench.evaluate as ev; print(len(ev._load_png_folder(sys.argv[1], sys.argv[2])[0]))"
+    result = cli.run(None, folder, tmp_path / "cache", code=code, timeout=30)
+    check_ok(result)
+    assert result.stdout.split()[-1] == "10"
