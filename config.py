@@ -148,8 +148,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with each flag's default in --help, and its own errors (a value out of range, an unknown flag)
     reported as every other wrong input is: one line `error: ...` on stderr, exit code 2."""
 
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    def __init__(self, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs):
+        super().__init__(formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         print("error: " + re.sub(r"^argument (\S+): ", r"\1: ", message), file=sys.stderr)

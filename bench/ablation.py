@@ -101,8 +101,7 @@ def train(name, flags, args):
 
 
 def main():
-    parser = Parser(description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter      # --help keeps the docstring's layout
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="mnist", help="passed to train.py (default: %(default)s)")
     parser.add_argument("--runs-dir", type=writable_folder, default=str(ROOT / "bench" / ".ablation"),
                         help="where the runs go")

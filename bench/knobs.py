@@ -106,8 +106,7 @@ def markdown(groups, results, header):
 
 
 def parse_args():
-    parser = Parser(description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter      # --help keeps the docstring's layout
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--checkpoint", default="model.pt", help="model file written by train.py (default: %(default)s)")
     add("--per-label", type=number(int, "[1, 1e5]"), default=50,

@@ -172,8 +172,7 @@ def save_figures(rows, samples, lora_files, args, work):
 
 
 def main():
-    parser = Parser(description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter      # --help keeps the docstring's layout
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="model.pt", help="digit model from train.py (read only)")
     parser.add_argument("--data-root", default="../shared/data", help="where FashionMNIST/ is")
     parser.add_argument("--runs", type=names(RUNS), default=",".join(RUNS), help=f"which of {', '.join(RUNS)}")

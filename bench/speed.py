@@ -471,8 +471,7 @@ def machine_summary(device):
 
 
 def parse_args():
-    parser = Parser(description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter      # --help keeps the docstring's layout
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1-2 rounds of 1-2 steps, 10 digits, 1 CLI run (numbers not meaningful)")
     parser.add_argument("--checkpoint", default=None,
