@@ -132,13 +132,19 @@ def load_samples(path):
 def _read_idx(path):
     """Read an IDX file (MNIST's format), plain or .gz, into a uint8 tensor."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except Exception as e:  # a .gz cut short (EOFError), not gzip at all (BadGzipFile), damaged inside (zlib.error)
+        raise DataError(f"{path} cannot be read: cut short or damaged ({type(e).__name__})") from None
     magic = int.from_bytes(raw[0:4], "big")
     if magic >> 8 != 0x08:  # 0x08 = unsigned byte
         raise DataError(f"{path}: not a uint8 IDX file (magic {magic:#x})")
     ndim = magic & 0xFF
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) != 4 + 4 * ndim + math.prod(shape):
+        raise DataError(f"{path} is cut short or damaged: its header says shape {tuple(shape)}, which "
+                        f"{len(raw):,d} bytes do not hold")
     data = torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8)
     return data.reshape(shape).clone()
 
@@ -157,6 +163,8 @@ def _idx_split(folder, prefix):
             raise DataError(f"{path}: expected {dims} dims, got shape {tuple(t.shape)}")
         out.append(t)
     images, labels = out
+    if len(images) != len(labels):
+        raise DataError(f"{folder}: its {prefix} files hold {len(images):,d} images and {len(labels):,d} labels")
     return images.unsqueeze(1).contiguous(), labels.long()
 
 

@@ -141,3 +141,22 @@ def test_evaluate_passes_over_a_named_pipe(cli, tmp_path):
     result = cli.run(None, folder, tmp_path / "cache", code=code, timeout=30)
     check_ok(result)
     assert result.stdout.split()[-1] == "10"
+
+
+@pytest.mark.parametrize("damage", ["cut-gz", "not-gz", "short", "counts"])
+def test_evaluate_refuses_damaged_raw_files_in_one_line(tmp_path, damage):
+    """bench/evaluate.py reads --data-root's raw IDX files itself: damaged ones are a DataError (one line, exit 2
+    through main), not an EOFError, BadGzipFile or reshape error."""
+    import gzip
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    n_labels = 3 if damage == "counts" else 4
+    images = (2051).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (4, 28, 28)) + bytes(4 * 784)
+    labels = (2049).to_bytes(4, "big") + n_labels.to_bytes(4, "big") + bytes(n_labels)
+    if damage == "short":
+        images = images[:-100]
+    for name, data in (("t10k-images-idx3-ubyte.gz", images), ("t10k-labels-idx1-ubyte.gz", labels)):
+        packed = gzip.compress(data)
+        (raw / name).write_bytes({"cut-gz": packed[:-20], "not-gz": b"hello"}.get(damage, packed))
+    with pytest.raises(ev.DataError, match="t10k"):
+        ev._idx_split(raw, "t10k")
