@@ -238,16 +238,25 @@ BEFORE_QUALITY = {"prediction": "eps", "min_snr_gamma": 0.0, "attention_from": 0
 def config_from_dict(cls, d):
     """Rebuild a config dataclass from a checkpoint's dict; unknown keys mean a foreign file. A setting
     the file lacks was made before it existed: the file was trained the blog's way (BEFORE_QUALITY)."""
+    if not isinstance(d, dict):
+        raise UserError(f"checkpoint's settings are a {type(d).__name__}, not a table of settings")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise UserError(f"checkpoint has settings this code does not know: {', '.join(unknown)}")
+        raise UserError(f"checkpoint has settings this code does not know: {', '.join(map(str, unknown))}")
+    missing = sorted(names - set(d) - set(BEFORE_QUALITY))
+    if cls is ModelConfig and missing:          # today's default would silently build another network
+        raise UserError(f"checkpoint lacks the model settings {', '.join(missing)}: not saved by this project")
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in {**BEFORE_QUALITY, **d}.items() if k in names}
     for name, value in d.items():                  # a hand-edited or foreign file: the flags' own limits apply
-        limit, values = LIMITS.get(name), value if isinstance(value, tuple) else (value,)
-        if limit is not None and not all(v in limit if isinstance(limit, tuple) else within(limit, v) for v in values):
+        limit, default = LIMITS.get(name), getattr(cls, name)
+        values = value if isinstance(value, tuple) else (value,)
+        whole = type(default[0] if isinstance(default, tuple) else default) is int     # a count or a shape
+        fits = (lambda v: v in limit) if isinstance(limit, tuple) else (lambda v: limit is None or within(limit, v))
+        if not all(fits(v) and (type(v) is int or not whole) for v in values):
             shown = limit if isinstance(limit, str) else " or ".join(limit)
-            raise UserError(f"checkpoint setting {name} = {value!r} is outside what it may be ({shown})")
+            raise UserError(f"checkpoint setting {name} = {value!r} is outside what it may be "
+                            f"({'an integer in ' if whole else ''}{shown})")
     return cls(**d)
 
 
@@ -271,15 +280,18 @@ def check_output_path(path):
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-def make_folder(path, files=(), outputs=(), flag="--out-dir"):
+def make_folder(path, files=(), outputs=(), inputs=(), flag="--out-dir"):
     """os.makedirs for --out-dir (named `flag` in messages), refusing clearly, before any work: a file in the
     way, a folder that cannot be made, or one of the `files` the run will write there (its figures) that could
-    not be written or is one of the run's own `outputs` ([(flag, path)]: a checkpoint, saved samples)."""
+    not be written, is one of the run's own `outputs` ([(flag, path)]: a checkpoint, saved samples) or would
+    land on or among its `inputs` (check_not_input)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a folder")
     for out_flag, out in outputs:
         if os.path.realpath(out) == os.path.realpath(path or "."):
             raise UserError(f"{out_flag} {out} is {flag}, the folder for the figures: give {out_flag} a file name")
+    for name in files:                                      # (before the folder is made: it may be among them)
+        check_not_input(os.path.join(path, name), inputs)
     try:
         os.makedirs(path or ".", exist_ok=True)             # "": the current folder
     except OSError as e:
@@ -292,17 +304,23 @@ def make_folder(path, files=(), outputs=(), flag="--out-dir"):
         check_output_path(figure)
 
 
+def check_not_input(path, inputs):
+    """Refuse to write `path` over one of a command's inputs ([(flag, path)]) or into a folder of inputs (--data:
+    a figure written among the images would be learnt from next time)."""
+    for flag, p in inputs:
+        inside = os.path.isdir(p) and os.path.commonpath([os.path.abspath(path), os.path.abspath(p)]) == os.path.abspath(p)
+        if inside or (os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p)):
+            raise UserError(f"{path} is {'inside ' if inside else ''}this command's {flag} (an input); "
+                            "choose another file to write")
+
+
 def check_new_output(path, resume, overwrite, inputs=()):
     """Before any work: a run never writes over one of its inputs ([(flag, path), ...]), nor over a file the user
     already has unless asked (--overwrite; resume=None for commands without --resume)."""
     if resume and overwrite:
         raise UserError("--resume continues --out and --overwrite starts it over: give one of them")
     check_output_path(path)
-    for flag, p in inputs:                        # an input file, or a folder of inputs (--data)
-        inside = os.path.isdir(p) and os.path.commonpath([os.path.abspath(path), os.path.abspath(p)]) == os.path.abspath(p)
-        if inside or (os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p)):
-            raise UserError(f"{path} is {'inside ' if inside else ''}this command's {flag} (an input); "
-                            "choose another file to write")
+    check_not_input(path, inputs)
     if not resume and not overwrite and os.path.exists(path):
         raise UserError(f"{path} already exists: {'--resume continues it, ' if resume is not None else ''}"
                         f"--overwrite replaces it, or choose another file name")

@@ -8,7 +8,6 @@
     python denoise.py --lora lora.pt --compare     # outputs/compare.png: base | LoRA | merged, same seed
     python denoise.py --per-label 100 --save-samples s.pt      # for bench/evaluate.py
 """
-import math
 import os
 import sys
 import time
@@ -18,8 +17,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from config import (LIMITS, Parser, SampleConfig, UserError, atomic_save, autocast_dtype, check_new_output, make_folder,
-                    number, numbers, pick_device, run_main)
-from diffusion import Schedule, backward_denoise
+                    number, numbers, pick_device, run_main, within)
+from diffusion import Schedule, backward_denoise, sampler_timesteps
 from figures import save_animation, save_grid, save_process_figure, to_uint8
 from lora import apply_lora_files, merge_lora, set_lora_scale
 from unet import load_model
@@ -45,9 +44,10 @@ def main():
                                   for (path, w), f in zip(args.adapters, files))
               + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
     sched = Schedule.from_config(model.cfg)
-    if args.guidance > 0 and args.guidance_interval[0] > model.cfg.T - 1:   # e.g. the default on a model of T <= 100
-        print(f"warning: --guidance-interval starts at t={args.guidance_interval[0]}, past this model's last step "
-              f"(T={model.cfg.T}): no step is guided (give LO,HI within 0..{model.cfg.T - 1})", file=sys.stderr)
+    lo, hi = args.guidance_interval
+    if args.guidance > 0 and not any(lo <= t <= hi for t in sampler_timesteps(sched.T, args.sampler, args.steps)):
+        print(f"warning: --guidance-interval {lo},{hi} holds none of the steps this sampler takes on this model "
+              f"(T={sched.T}; the default interval is for T=1000): no step is guided", file=sys.stderr)
 
     start = time.time()
     x, snapshots = sample_as_asked(model, sched, labels, args, device, dtype, SampleConfig.gif_frames, first)
@@ -86,6 +86,7 @@ def main():
 # the figure's columns, --compare, the command line
 
 MAX_SAMPLES, CHUNK = 100_000, 1000
+LORA_SCALES = "[0, 100]"           # what --lora-scale and each --lora FILE:WEIGHT may be
 # The files main writes into --out-dir (compare.png with --compare only); parse_args checks them before any work.
 FIGURES = {"process": "denoise_process.png", "animation": "denoise_process.gif", "grid": "samples.png",
            "compare": "compare.png"}
@@ -137,6 +138,8 @@ def parse_labels(text, num_labels):
         for part in text.split(","):
             if "-" in part.strip()[1:]:
                 lo, hi = part.split("-")
+                if int(hi) < int(lo):
+                    raise UserError(f"--labels {text!r}: a range goes up, LO-HI (got {part.strip()})")
                 labels += list(range(int(lo), min(int(hi), num_labels) + 1))     # (not 10**9 of them)
             else:
                 labels.append(int(part))
@@ -157,8 +160,8 @@ def parse_lora_arg(text):
         value = None
     if value is None:
         return text, 1.0
-    if not 0 <= value < math.inf:
-        raise UserError(f"--lora {text}: the weight must be >= 0, got {weight}")
+    if not within(LORA_SCALES, value):
+        raise UserError(f"--lora {text}: the weight must be in {LORA_SCALES}, as --lora-scale, got {weight}")
     return path, value
 
 
@@ -169,7 +172,7 @@ def parse_args():
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                         help="LoRA file written by lora_finetune.py, optionally with a weight (default 1); "
                         "repeat to combine adapters: their updates add up, each times its weight")
-    parser.add_argument("--lora-scale", type=number(float, "[0, 100]"), default=1.0,
+    parser.add_argument("--lora-scale", type=number(float, LORA_SCALES), default=1.0,
                         help="multiplies every adapter's update: 0 = base model exactly, 1 = as trained; in [0, 100]")
     parser.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base layers first")
     parser.add_argument("--compare", action="store_true",
@@ -208,6 +211,8 @@ def parse_args():
         raise UserError("--compare samples the merged model itself; leave out --merge")
     if args.lora_scale != 1.0 and not args.lora:
         raise UserError("--lora-scale needs --lora FILE")
+    if args.eta != SampleConfig.eta and args.sampler != "ddim":
+        raise UserError(f"--eta is DDIM's noise; the {args.sampler} sampler has none (use --sampler ddim)")
     args.adapters = [parse_lora_arg(text) for text in args.lora]
     if args.save_samples is not None:                         # never over the model or an adapter it reads
         check_new_output(args.save_samples, None, args.overwrite,

@@ -70,11 +70,7 @@ def backward_denoise(model, sched, labels, sampler=SampleConfig.sampler, steps=N
     image and samples with DDPM only, without guidance.)"""
     cfg = model.cfg
     device = next(model.parameters()).device
-    if steps is None:                                # (not `steps or ...`: --steps 0 must be refused)
-        steps = sched.T if sampler == "ddpm" else min(SampleConfig.steps, sched.T)
-    if sampler == "ddpm" and steps != sched.T:
-        raise UserError(f"the DDPM sampler walks all T={sched.T} steps; use --sampler ddim or dpm++ for fewer")
-    ts = timesteps(sched.T, steps)
+    ts = sampler_timesteps(sched.T, sampler, steps)
     shape = (len(labels), cfg.in_channels, cfg.image_size, cfg.image_size)
     x = torch.randn(shape, generator=generator, device=device)                # x_T (B,C,H,W)
     labels = labels.to(device)
@@ -159,6 +155,15 @@ def predict_noise(model, sched, x_t, t, labels, guidance=SampleConfig.guidance, 
         return out
     abar = sched.alpha_bars[t]
     return (1 - abar).sqrt() * x_t + abar.sqrt() * out
+
+
+def sampler_timesteps(T, sampler, steps=None):
+    """The timesteps `sampler` visits: all T for DDPM, else `steps` of them (SampleConfig.steps, at most T)."""
+    if steps is None:                                # (not `steps or ...`: --steps 0 must be refused)
+        steps = T if sampler == "ddpm" else min(SampleConfig.steps, T)
+    if sampler == "ddpm" and steps != T:
+        raise UserError(f"the DDPM sampler walks all T={T} steps; use --sampler ddim or dpm++ for fewer")
+    return timesteps(T, steps)
 
 
 def timesteps(T, steps):

@@ -341,8 +341,8 @@ def lora_file_dict(model, names, r, alpha, targets, base_fingerprint, extra=None
 def check_base_fingerprint(f, path, base_print, base_name="this checkpoint"):
     """Refuse a LoRA file (or --full checkpoint) `f` made on another base model than the one at hand."""
     if f.get("base_fingerprint") != base_print:
-        raise UserError(f"{path} was trained on another base model than {base_name} "
-                        f"(fingerprint {f.get('base_fingerprint')}, this base is {base_print})")
+        raise UserError(f"{path} was trained on another base model than {base_name}, or on its other weights "
+                        f"(--weights ema or raw) (fingerprint {f.get('base_fingerprint')}, this base is {base_print})")
 
 
 def load_lora_file(path):
@@ -352,6 +352,10 @@ def load_lora_file(path):
             or not within(LIMITS["lora_alpha"], f["alpha"]) or not isinstance(f["lora"], dict):
         raise UserError(f"{path} holds rank {f['rank']!r} and alpha {f['alpha']!r}: not an adapter lora_finetune.py "
                         f"writes (rank in {LIMITS['lora_rank']}, alpha in {LIMITS['lora_alpha']})")
+    if not all(isinstance(f[key], (list, tuple)) and all(isinstance(n, str) for n in f[key])
+               for key in ("layers", "targets")):
+        raise UserError(f"{path} lists its layers or targets in a form lora_finetune.py does not write")
+    check_lora_targets(f["targets"])
     check_finite(f["lora"], path)
     return f
 
@@ -418,7 +422,10 @@ def inspect(path, base_path=None, weights="ema"):
         if missing:    # e.g. a conv adapter saved before LoraConv2d had its core lora_m
             raise UserError(f"{path} has no {layer}.{missing[0]}: not a LoRA file of this version of lora.py")
         factors = (f["lora"][f"{layer}.{name}"].float() for name in kind.FACTORS)
-        deltas[layer] = kind.product(*factors) * (f["alpha"] / f["rank"])    # alpha / r: the same for every target
+        try:
+            deltas[layer] = kind.product(*factors) * (f["alpha"] / f["rank"])    # alpha / r: the same for every target
+        except RuntimeError:                     # (apply_lora_file checks the shapes against a model; here, each other)
+            raise UserError(f"{path}: the tensors of {layer} do not fit each other (a damaged file)") from None
     print(f"{path}: rank {f['rank']}, alpha {f['alpha']}, targets {','.join(f['targets'])}, "
           f"{len(f['layers'])} layers")
     print(f"{'layer':40s} {'dW shape':>18s} {'||dW||':>9s}" + (f" {'||W||':>9s} {'||dW||/||W||':>13s}" if base else ""))

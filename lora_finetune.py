@@ -127,10 +127,11 @@ def parse_args():
     args = parser.parse_args()
     if args.out is None:
         args.out = "full.pt" if args.full else "lora.pt"
-    check_new_output(args.out, args.resume, args.overwrite, inputs=[("--base", args.base)])
+    inputs = [("--base", args.base), ("--data", args.data)]
+    check_new_output(args.out, args.resume, args.overwrite, inputs)
     if args.lora_targets is not None:
         check_lora_targets(args.lora_targets)                 # before loading any data
-    make_folder(args.out_dir, figure_names("full" if args.full else "lora"), [("--out", args.out)])
+    make_folder(args.out_dir, figure_names("full" if args.full else "lora"), [("--out", args.out)], inputs)
     return args
 
 

@@ -350,8 +350,8 @@ def resolve_train_config(args, defaults, n_images, saved=None, world=1):
 
 def main():
     args = parse_args()
-    check_new_output(args.out, args.resume, args.overwrite)
-    make_folder(args.out_dir, figure_names("train"), [("--out", args.out)])
+    check_new_output(args.out, args.resume, args.overwrite, inputs=[("--data", args.data)])
+    make_folder(args.out_dir, figure_names("train"), [("--out", args.out)], [("--data", args.data)])
     rank, world, device = setup_distributed(args.device)     # torchrun: this is process `rank` of `world`
     is_main = rank == 0                                       # only the main process prints and writes files
     ckpt = load_file(args.out, "model") if args.resume else None

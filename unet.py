@@ -206,6 +206,8 @@ def load_model(path, weights="ema", device="cpu"):
 def load_weights(model, state, path):
     """model.load_state_dict(state), with a one-line error when the file's weights do not fit, or are not all
     finite numbers (a run that diverged, or a damaged file, would draw black or grey noise)."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds its weights as a {type(state).__name__}, not a table of tensors")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -217,6 +219,8 @@ def load_weights(model, state, path):
 
 def check_finite(tensors, path):
     """Refuse a file whose weights ({name: tensor}) hold nan or inf."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise UserError(f"{path} holds weights that are not tensors: not saved by this project")
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""

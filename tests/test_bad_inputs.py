@@ -179,6 +179,21 @@ CASES = [
     ("denoise-checkpoint-is-a-folder", "denoise.py", ["--checkpoint", "{in}/digits"], ["digits", "is a folder"]),
     ("inspect-weights-without-base", "lora.py", ["--inspect", "{in}/lora.pt", "--weights", "raw"],
      ["--weights", "--base"]),
+    # round 2: figures among the training images, flags that would be ignored, files cut or of other types
+    ("train-out-dir-inside-data", "train.py", ["--out-dir", "{in}/digits/0"], ["inside this command's --data"]),
+    ("finetune-out-dir-inside-data", "lora_finetune.py", ["--out-dir", "{in}/digits"], ["inside this command's --data"]),
+    ("lora-weight-huge", "denoise.py", ["--lora", "{in}/lora.pt:1e30"], ["--lora", "[0, 100]"]),
+    ("labels-range-going-down", "denoise.py", ["--labels", "3,9-0"], ["9-0", "goes up"]),
+    ("eta-with-dpm", "denoise.py", ["--sampler", "dpm++", "--eta", "1"], ["--eta", "dpm++"]),
+    ("denoise-config-without-T", "denoise.py", ["--checkpoint", "{in}/no_T.pt"], ["lacks the model settings T"]),
+    ("denoise-config-T-not-an-integer", "denoise.py", ["--checkpoint", "{in}/T_float.pt"], ["T = 50.0", "integer"]),
+    ("denoise-config-not-a-table", "denoise.py", ["--checkpoint", "{in}/config_list.pt"], ["not a table of settings"]),
+    ("denoise-weights-not-a-table", "denoise.py", ["--checkpoint", "{in}/model_int.pt", "--weights", "raw"],
+     ["not a table of tensors"]),
+    ("denoise-lora-other-weights", "denoise.py", ["--lora", "{in}/lora.pt", "--weights", "raw"],
+     ["--weights ema or raw"]),
+    ("inspect-lora-tensors-do-not-fit", "lora.py", ["--inspect", "{in}/lora_bad_shape.pt"], ["do not fit each other"]),
+    ("inspect-lora-target-unknown", "lora.py", ["--inspect", "{in}/lora_wz.pt"], ["'Wz'"]),
 ]
 
 DEFAULTS = {
@@ -266,6 +281,20 @@ def inputs(tmp_path_factory, base_run, lora_run, image_folder):
         else:
             lora[key] = value
         torch.save(lora, d / f"{name}.pt")
+    for name, change in (("no_T", lambda c: c["model_config"].pop("T")),
+                         ("T_float", lambda c: c["model_config"].update(T=50.0)),
+                         ("config_list", lambda c: c.update(model_config=[1, 2])),
+                         ("model_int", lambda c: c.update(model=5))):
+        ckpt = load(base_run["ckpt"])
+        change(ckpt)
+        torch.save(ckpt, d / f"{name}.pt")
+    lora = load(lora_run["lora"])
+    first_a = next(k for k in lora["lora"] if k.endswith("lora_a"))
+    lora["lora"][first_a] = torch.zeros(lora["lora"][first_a].shape[0], 3)      # A of rank 3 beside B of rank 2
+    torch.save(lora, d / "lora_bad_shape.pt")
+    lora = load(lora_run["lora"])
+    lora["targets"] = ["Wz"]
+    torch.save(lora, d / "lora_wz.pt")
     write_image_folder(d / "other_digits", seed=1)           # as many images as digits/, other ones
     write_image_folder(d / "few_digits", per_label=1)
     (d / "figures" / "samples.png").mkdir(parents=True)      # a folder where denoise.py writes a figure
@@ -475,13 +504,16 @@ def test_a_foreign_pickle_is_refused_in_one_line(cli, tmp_path):
 
 
 def test_a_guidance_interval_past_the_models_steps_is_said(cli, inputs, tmp_path):
-    """The default interval (t in 100..600) holds no step of a model with T = 50: sampling is unguided, and
-    denoise.py says so instead of leaving it silent; an interval within its steps is not warned about."""
+    """The default interval (t in 100..600) holds no step of a model with T = 50, nor 10..40 any of 2 steps (t = 49,
+    0): sampling is unguided, and denoise.py says so instead of leaving it silent; an interval that holds a step
+    is not warned about."""
     base = ["--checkpoint", inputs / "model.pt", "--labels", "0", "--steps", "2", "--out-dir", tmp_path,
             "--device", "cpu"]
     warned = cli.run("denoise.py", *base)
     check_ok(warned)
-    assert "warning: --guidance-interval starts at t=100" in warned.stderr and "T=50" in warned.stderr
-    quiet = cli.run("denoise.py", *base, "--guidance-interval", "10,40")
+    assert "warning: --guidance-interval 100,600 holds none of the steps" in warned.stderr and "T=50" in warned.stderr
+    between = cli.run("denoise.py", *base, "--guidance-interval", "10,40")         # 2 steps: t = 49 and 0 only
+    assert "warning: --guidance-interval 10,40 holds none" in check_ok(between).stderr
+    quiet = cli.run("denoise.py", *base, "--guidance-interval", "0,49")
     check_ok(quiet)
     assert "warning" not in quiet.stderr

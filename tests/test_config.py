@@ -1,5 +1,6 @@
 """config.py's shared helpers: atomic saving, loading project files, and config flags."""
 import argparse
+import dataclasses
 import os
 import platform
 import stat
@@ -113,7 +114,7 @@ def test_config_flags_round_trip():
 
 def test_config_from_dict_restores_tuples_and_refuses_unknown_keys():
     """Checkpoint configs come back as dataclasses with tuples; unknown settings mean a foreign file."""
-    d = {"widths": [8, 16], "T": 50, "prediction": "v", "attention_from": 1}
+    d = {**dataclasses.asdict(ModelConfig()), "widths": [8, 16], "T": 50, "prediction": "v", "attention_from": 1}
     assert config_from_dict(ModelConfig, d) == ModelConfig(widths=(8, 16), T=50, prediction="v", attention_from=1)
     with pytest.raises(UserError, match="colour"):
         config_from_dict(ModelConfig, {"colour": "red"})
@@ -123,8 +124,11 @@ def test_a_file_from_before_v_prediction_and_min_snr_loads_as_trained():
     """A checkpoint saved before `prediction`, `min_snr_gamma` and `attention_from` existed was trained the
     blog's way: loading it must not silently switch it to today's defaults (v, min-SNR, no attention at 14x14)."""
     assert ModelConfig().prediction == "v" and TrainConfig().min_snr_gamma > 0 and ModelConfig().attention_from == 1
-    old = config_from_dict(ModelConfig, {"T": 50})
+    then = {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k not in config.BEFORE_QUALITY}
+    old = config_from_dict(ModelConfig, {**then, "T": 50})
     assert old.prediction == "eps" and old.attention_from == 0
+    with pytest.raises(UserError, match="lacks the model settings T"):     # any other setting missing: refused
+        config_from_dict(ModelConfig, {k: v for k, v in then.items() if k != "T"})
     assert config_from_dict(TrainConfig, {"lr": 1e-3}).min_snr_gamma == 0.0
     assert config_from_dict(TrainConfig, {"min_snr_gamma": 5.0}).min_snr_gamma == 5.0
 
