@@ -590,12 +590,19 @@ def whole(lo, hi):
 
 def writable_folder(text):
     """An argparse type: a folder to write into, made later if missing; refused (one line) when it, or the
-    nearest part of its path that exists, is a file. The bench scripts share it for their folder flags."""
+    nearest part of its path that exists, is a file or cannot be written to (tried with a file made and removed
+    at once, as config.check_output_path does). The bench scripts share it for their folder flags."""
     path = os.path.abspath(text)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".tmp-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write into {path}: {e.strerror}") from None
     return text
 
 

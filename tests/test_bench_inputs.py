@@ -160,3 +160,26 @@ def test_evaluate_refuses_damaged_raw_files_in_one_line(tmp_path, damage):
         (raw / name).write_bytes({"cut-gz": packed[:-20], "not-gz": b"hello"}.get(damage, packed))
     with pytest.raises(ev.DataError, match="t10k"):
         ev._idx_split(raw, "t10k")
+
+
+# More cases, in the table's form (kept apart from CASES so that edits to either merge cleanly).
+MORE_CASES = [
+    # folder flags where nothing can be written (writable_folder tries to write there)
+    ("evaluate-cache-dir-unwritable", "bench/evaluate.py", ["{samples}", "--cache-dir", "/proc/cachex",
+                                                            "--mnist-folder", "{digits}"], ["--cache-dir", "cannot write"]),
+    ("evaluate-cache-dir-proc", "bench/evaluate.py", ["{samples}", "--cache-dir", "/proc", "--mnist-folder", "{digits}"],
+     ["--cache-dir", "cannot write into /proc"]),
+    ("knobs-cache-dir-unwritable", "bench/knobs.py", ["--cache-dir", "/proc/kc"], ["--cache-dir", "cannot write"]),
+    ("ablation-runs-dir-unwritable", "bench/ablation.py", ["--runs-dir", "/proc/abl", "--only", "default"],
+     ["--runs-dir", "cannot write"]),
+    ("lora-fashion-work-unwritable", "bench/lora_fashion.py",
+     ["--base", "{ckpt}", "--quick", "--runs", "base", "--work", "/proc/lfw"], ["--work", "cannot write"]),
+    ("lora-fashion-figures-unwritable", "bench/lora_fashion.py",
+     ["--base", "{ckpt}", "--quick", "--runs", "base", "--work", "{tmp}/W", "--figures", "/proc/lff"],
+     ["--figures", "cannot write"]),
+]
+
+
+@pytest.mark.parametrize("script,args,fragments", [pytest.param(*case[1:], id=case[0]) for case in MORE_CASES])
+def test_more_bad_bench_input(cli, shared, tmp_path, script, args, fragments):
+    test_bad_bench_input(cli, shared, tmp_path, script, args, fragments)
