@@ -184,9 +184,10 @@ def main():
                         help="score with the evaluator's classifier of each of these seeds (e.g. 0,1,2; the first "
                         "fills the main table)")
     # The bench owns --work: a run again in the same folder redoes every file there (its children are given
-    # --overwrite), as a user who runs a benchmark again expects, rather than mixing old files with new ones.
+    # --overwrite), as a user who runs a benchmark again expects, rather than mixing old files with new ones;
+    # a folder that holds files the bench did not write is refused (main).
     parser.add_argument("--work", type=writable_folder, default="bench/.lora_fashion",
-                        help="folder for the runs' files and logs (a run again replaces them)")
+                        help="folder for the runs' files and logs, new or empty (a run again replaces them)")
     parser.add_argument("--figures", type=writable_folder, default="bench/figures", help="where the two figures go")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 2 samples per label")
     args = parser.parse_args()
@@ -198,7 +199,14 @@ def main():
         args.steps, args.per_label = 3, 2
     args.base = os.path.abspath(args.base)
     work = Path(args.work).resolve()
+    # Its children replace files in --work (--overwrite): only in a folder this bench made or found empty, and
+    # marked then, never over a user's own files.
+    marker = work / ".lora_fashion-work"
+    if work.is_dir() and any(work.iterdir()) and not marker.is_file():
+        raise UserError(f"--work {args.work} holds files this bench did not write (it has no {marker.name}): "
+                        "give a new or empty folder")
     work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     rows, samples, lora_files = [], {}, {}
     for name in args.runs:
         flags = RUNS[name]

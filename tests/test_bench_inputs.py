@@ -183,3 +183,16 @@ MORE_CASES = [
 @pytest.mark.parametrize("script,args,fragments", [pytest.param(*case[1:], id=case[0]) for case in MORE_CASES])
 def test_more_bad_bench_input(cli, shared, tmp_path, script, args, fragments):
     test_bad_bench_input(cli, shared, tmp_path, script, args, fragments)
+
+
+def test_lora_fashion_refuses_a_work_folder_of_the_users_files(cli, base_run, tmp_path):
+    """Its children replace files in --work (--overwrite): a folder holding files it did not write (a user's own
+    full.pt) is refused, before any work; the user's files are kept."""
+    folder = tmp_path / "W"
+    folder.mkdir()
+    (folder / "full.pt").write_text("the user's own model\n")
+    (folder / "full.finetune.log").write_text("the user's own log\n")
+    before = snapshot(tmp_path)
+    check_user_error(cli.run(None, "--base", base_run["ckpt"], "--quick", "--runs", "full", "--work", folder,
+                             "--figures", tmp_path / "F", code=FIXED_SCORE), "--work", "did not write")
+    assert snapshot(tmp_path) == before
