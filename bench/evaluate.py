@@ -492,6 +492,9 @@ def _draw_like(labels, pool_labels, generator):
     for c in labels.unique().tolist():
         need = int((labels == c).sum())
         have = (pool_labels == c).nonzero().squeeze(1)
+        if not len(have):                   # (an empty label folder in --mnist-folder, say)
+            raise DataError(f"the samples hold label {c} but the real images have none of it (to score them "
+                            f"against): give real images of every label the samples hold")
         if len(have) >= need:
             pick = have[torch.randperm(len(have), generator=generator)[:need]]
         else:
@@ -639,6 +642,8 @@ def main(argv=None):
         p.error("give a samples file to score, or --export-train-split DIR (not both)")
     if a.export_train_split is not None and a.domain != "mnist":
         p.error("--export-train-split is for --domain mnist (Fashion-MNIST's own train split is the one to use)")
+    if a.mnist_folder is not None and a.domain != "mnist":
+        p.error("--mnist-folder is for --domain mnist (Fashion-MNIST is read from --data-root)")
     torch.set_num_threads(a.threads)
     try:
         if a.export_train_split is not None:

@@ -196,3 +196,20 @@ def test_lora_fashion_refuses_a_work_folder_of_the_users_files(cli, base_run, tm
     check_user_error(cli.run(None, "--base", base_run["ckpt"], "--quick", "--runs", "full", "--work", folder,
                              "--figures", tmp_path / "F", code=FIXED_SCORE), "--work", "did not write")
     assert snapshot(tmp_path) == before
+
+
+def test_evaluate_refuses_mnist_folder_with_fashion(cli, shared):
+    """--mnist-folder has no use with --domain fashion: refused, not ignored (a fashion score would look right)."""
+    check_user_error(cli.run("bench/evaluate.py", shared["samples"], "--domain", "fashion", "--mnist-folder",
+                             "/nonexistent", "--json"), "--mnist-folder", "--domain mnist")
+
+
+def test_evaluate_refuses_a_label_with_no_real_images(tmp_path):
+    """An --mnist-folder whose 9/ is empty, samples that hold label 9: a DataError naming the label (it was a
+    RuntimeError from torch.randint drawing the floor's real images)."""
+    folder = write_image_folder(tmp_path / "digits")
+    for f in (folder / "9").iterdir():
+        f.unlink()
+    with pytest.raises(ev.DataError, match="label 9"):
+        ev.score(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10), mnist_folder=folder,
+                 cache_dir=tmp_path / "cache")
