@@ -66,6 +66,17 @@ def knob_groups(T, with_ddpm):
             ("guidance weight w", [(f"guidance {w:g}", Variant(guidance=float(w))) for w in (1, BASE.guidance, 2)])]
 
 
+def check_bench_model(cfg, steps, path):
+    """Refuse (one line, before any work) a model the bench cannot sample as it does: the ten digits 0..9, with
+    up to `steps` steps (its rows are fixed step counts, so they are not capped at the model's T)."""
+    if cfg.num_labels != 10:
+        raise UserError(f"{path} is a model of num_labels={cfg.num_labels}; the bench samples the ten digits 0..9 "
+                        "(num_labels=10)")
+    if cfg.T < steps:
+        raise UserError(f"{path} is a model of T={cfg.T} diffusion steps; the bench samples with up to {steps} "
+                        f"steps, so it needs T >= {steps}")
+
+
 def sample(model, variant, labels, seed, device):
     """Sample one image per label with a fresh generator seeded `seed`, in denoise.py's default precision.
     Returns (uint8 images, seconds)."""
@@ -134,6 +145,7 @@ def main():
     T = models["ema"].cfg.T
     if models["ema"].cfg.image_size != 28 or models["ema"].cfg.in_channels != 1:
         raise UserError("the evaluator scores 28x28 grayscale digits; this checkpoint makes other images")
+    check_bench_model(models["ema"].cfg, BASE.steps, args.checkpoint)    # (the baseline's steps: the most)
     try:
         classifier = load_classifier("mnist", args.data_root, args.mnist_folder, args.cache_dir)
     except (UsageError, DataError) as e:

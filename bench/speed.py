@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.evaluate import names  # noqa: E402
+from bench.knobs import check_bench_model  # noqa: E402
 from config import (LIMITS, FinetuneConfig, ModelConfig, Parser, SampleConfig, TrainConfig, atomic_save,  # noqa: E402
                     autocast_dtype, number, pick_device, run_main)
 from dataset import Batches  # noqa: E402
@@ -179,10 +180,10 @@ def measure_training(plan, batch_size, device):
 
 # ----------------------------------------------------------------------------- 2. sampling speed
 
-def write_random_checkpoint(path):
+def write_random_checkpoint(path, cfg=ModelConfig()):
     """A checkpoint with random weights in exactly the format train.py writes (enough for denoise.py)."""
     torch.manual_seed(0)
-    model, tcfg = UNet(ModelConfig()), TrainConfig()
+    model, tcfg = UNet(cfg), TrainConfig()
     ema = EMA(model, tcfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
@@ -503,6 +504,9 @@ def main():
         return memory_child(args.memory_child, plan["memory_steps"], args.batch_size, device)
     parts = set(args.parts)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    if args.checkpoint and parts & {"sampling", "lora", "cli"}:    # read (and checked) before any measuring
+        check_bench_model(load_model(args.checkpoint)[0].cfg, 50 if "sampling" in parts else SampleConfig.steps,
+                          args.checkpoint)                          # (sampling's DDIM-50)
     results = {"machine": machine_summary(device), "plan": plan}
     if "training" in parts:
         results["training"] = measure_training(plan, args.batch_size, device)

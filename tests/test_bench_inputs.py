@@ -213,3 +213,31 @@ def test_evaluate_refuses_a_label_with_no_real_images(tmp_path):
     with pytest.raises(ev.DataError, match="label 9"):
         ev.score(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10), mnist_folder=folder,
                  cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory):
+    """Random-weight checkpoints the sampling benches cannot use: 2 labels; T=10 diffusion steps."""
+    from bench.speed import write_random_checkpoint
+    from conftest import tiny_config
+    d = tmp_path_factory.mktemp("odd-models")
+    write_random_checkpoint(d / "labels2.pt", tiny_config(num_labels=2))
+    write_random_checkpoint(d / "t10.pt", tiny_config(T=10))
+    return d
+
+
+@pytest.mark.parametrize("script,args,fragments", [
+    ("bench/knobs.py", ["--checkpoint", "labels2.pt"], ["num_labels=2", "num_labels=10"]),
+    ("bench/knobs.py", ["--checkpoint", "t10.pt"], ["T=10", "T >= 12"]),
+    ("bench/speed.py", ["--quick", "--parts", "training,sampling", "--checkpoint", "labels2.pt"], ["num_labels=2"]),
+    ("bench/speed.py", ["--quick", "--parts", "training,sampling", "--checkpoint", "t10.pt"], ["T=10", "T >= 50"]),
+    ("bench/speed.py", ["--quick", "--parts", "training,lora", "--checkpoint", "t10.pt"], ["T=10", "T >= 12"]),
+    ("bench/speed.py", ["--quick", "--parts", "training,sampling", "--checkpoint", "nope.pt"], ["nope.pt", "not found"]),
+], ids=["knobs-2-labels", "knobs-T-10", "speed-2-labels", "speed-T-10", "speed-lora-T-10", "speed-no-checkpoint"])
+def test_sampling_benches_refuse_a_model_they_cannot_sample_before_any_work(cli, odd_models, script, args, fragments):
+    """The knobs and speed benches sample the digits 0..9 with fixed step counts: a model of other labels or of too
+    small a T is refused up front (it was an IndexError, or an error naming --steps after the measuring), and so is
+    a --checkpoint that is not there (speed.py found out after ~40 s of training measurements)."""
+    result = cli.run(script, *[str(odd_models / a) if a.endswith(".pt") else a for a in args], timeout=30)
+    check_user_error(result, *fragments)
+    assert result.stderr.count("\n") == 1                   # nothing measured or sampled first
