@@ -146,14 +146,14 @@ def main():
     if models["ema"].cfg.image_size != 28 or models["ema"].cfg.in_channels != 1:
         raise UserError("the evaluator scores 28x28 grayscale digits; this checkpoint makes other images")
     check_bench_model(models["ema"].cfg, BASE.steps, args.checkpoint)    # (the baseline's steps: the most)
-    try:
-        classifier = load_classifier("mnist", args.data_root, args.mnist_folder, args.cache_dir)
-    except (UsageError, DataError) as e:
-        raise UserError(f"evaluator: {e}") from None
     groups = knob_groups(T, args.with_ddpm)
     labels = torch.arange(10).repeat_interleave(args.per_label)
-    results = evaluate_variants(models, [v for _, rows in groups for _, v in rows], labels, args.seed,
-                                classifier, device)
+    try:            # (score refuses samples of a label the real digits lack, e.g. an empty 9/ in --mnist-folder)
+        classifier = load_classifier("mnist", args.data_root, args.mnist_folder, args.cache_dir)
+        results = evaluate_variants(models, [v for _, rows in groups for _, v in rows], labels, args.seed,
+                                    classifier, device)
+    except (UsageError, DataError) as e:
+        raise UserError(f"evaluator: {e}") from None
     if args.json:
         rows = [dict(knob=knob, name=name, **dataclasses.asdict(v), **results[v])
                 for knob, variants in groups for name, v in variants]
