@@ -404,6 +404,7 @@ def apply_config_flags(cfg, args):
 
 
 if __name__ == "__main__":
+    Parser(description=__doc__.split("\n")[0]).parse_args()      # no flags: --help, and any other is refused
     for cfg in (ModelConfig(), TrainConfig(), FinetuneConfig(), SampleConfig()):
         print(type(cfg).__name__)
         extra = {"full_lr (--full)": cfg.full_lr} if isinstance(cfg, FinetuneConfig) else {}

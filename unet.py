@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ModelConfig, UserError, config_from_dict, load_file
+from config import ModelConfig, Parser, UserError, config_from_dict, load_file
 
 
 def sinusoidal_embedding(t, dim):
@@ -229,6 +229,7 @@ def check_finite(tensors, path):
 
 
 if __name__ == "__main__":
+    Parser(description=__doc__.split("\n")[0]).parse_args()      # no flags: --help, and any other is refused
     cfg = ModelConfig()
     model = UNet(cfg)
     x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)

@@ -194,6 +194,8 @@ CASES = [
      ["--weights ema or raw"]),
     ("inspect-lora-tensors-do-not-fit", "lora.py", ["--inspect", "{in}/lora_bad_shape.pt"], ["do not fit each other"]),
     ("inspect-lora-target-unknown", "lora.py", ["--inspect", "{in}/lora_wz.pt"], ["'Wz'"]),
+    ("unet-demo-unknown-flag", "unet.py", ["--bogus"], ["unrecognized", "--bogus"]),
+    ("config-demo-unknown-flag", "config.py", ["--widths", "8"], ["unrecognized", "--widths"]),
 ]
 
 DEFAULTS = {
@@ -207,6 +209,8 @@ DEFAULTS = {
     "bench/evaluate.py": ["{in}/notes.txt"],
     "diffusion.py": ["--data", "{in}/digits"],
     "lora.py": [],
+    "unet.py": [],
+    "config.py": [],
 }
 
 
