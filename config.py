@@ -377,7 +377,6 @@ def load_file(path, kind):
     return obj
 
 
-
 def add_config_flags(parser, cfg, only=None, aliases=None):
     """One --flag per dataclass field (optionally only those named), defaulting to None = keep cfg, accepting
     what LIMITS allows; aliases = {field: "--other-name"} adds a second spelling. Each help names cfg's value; its

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from config import (LIMITS, Parser, SampleConfig, UserError, atomic_save, autocast_dtype, check_new_output, make_folder,
                     number, numbers, pick_device, run_main, within)
-from diffusion import Schedule, backward_denoise, sampler_timesteps
+from diffusion import Schedule, backward_denoise, guidance_at, sampler_timesteps
 from figures import save_animation, save_grid, save_process_figure, to_uint8
 from lora import apply_lora_files, merge_lora, set_lora_scale
 from unet import load_model
@@ -44,10 +44,11 @@ def main():
                                   for (path, w), f in zip(args.adapters, files))
               + f"; scale {args.lora_scale:g}{', merged' if args.merge else ''}")
     sched = Schedule.from_config(model.cfg)
-    lo, hi = args.guidance_interval
-    if args.guidance > 0 and not any(lo <= t <= hi for t in sampler_timesteps(sched.T, args.sampler, args.steps)):
-        print(f"warning: --guidance-interval {lo},{hi} holds none of the steps this sampler takes on this model "
-              f"(T={sched.T}; the default interval is for T=1000): no step is guided", file=sys.stderr)
+    ts = sampler_timesteps(sched.T, args.sampler, args.steps)
+    if args.guidance > 0 and not any(guidance_at(t, args.guidance, args.guidance_interval) for t in ts):
+        print(f"warning: --guidance-interval {','.join(map(str, args.guidance_interval))} holds none of the steps "
+              f"this sampler takes on this model (T={sched.T}; the default interval is for T=1000): no step is guided",
+              file=sys.stderr)
 
     start = time.time()
     x, snapshots = sample_as_asked(model, sched, labels, args, device, dtype, SampleConfig.gif_frames, first)

@@ -225,12 +225,13 @@ def target_ranks(targets, r):
     for item in targets:
         name, colon, rank = item.partition(":")
         # isdecimal, not isdigit: '²' is a digit that int() refuses
-        if name not in TARGETS or name in ranks or (colon and not (rank.isdecimal() and 1 <= int(rank) <= 1024)):
+        ranked = rank.isdecimal() and within(LIMITS["lora_rank"], int(rank))
+        if name not in TARGETS or name in ranks or (colon and not ranked):
             unknown.append(item)                    # (a name given twice would leave its rank ambiguous)
         ranks[name] = int(rank) if rank.isdecimal() else r
     if unknown or not targets:
-        raise UserError(f"unknown or repeated LoRA target {', '.join(map(repr, unknown)) or '(none given)'}; "
-                        f"valid: {', '.join(TARGETS)}, each optionally with :RANK in [1, 1024] (e.g. conv:2)")
+        raise UserError(f"unknown or repeated LoRA target {', '.join(map(repr, unknown)) or '(none given)'}; valid: "
+                        f"{', '.join(TARGETS)}, each optionally with :RANK in {LIMITS['lora_rank']} (e.g. conv:2)")
     return ranks
 
 
