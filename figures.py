@@ -2,13 +2,17 @@
 
 Not a part of the blog series: its scripts draw with plt.show(); ours write PNG and GIF files (atomically),
 so they run without a screen. This file imports only config.py, so every core file may use it.
+
+    python figures.py      # draws a grid of noise fading into a square, and a made-up loss curve, into outputs/
 """
+import os
+
 import matplotlib
 import torch
 import torchvision
 from PIL import Image
 
-from config import atomic_write
+from config import Parser, atomic_write, make_folder, run_main
 
 matplotlib.use("Agg")                                    # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -85,3 +89,24 @@ def save_loss_curve(losses, path):
     plt.ylabel("MSE(eps, eps_theta)")
     plt.legend()
     save_figure(fig, path)
+
+
+def main():
+    parser = Parser(description="Draw the two figures every training run ends with, from made-up data.")
+    parser.add_argument("--out-dir", default="outputs", help="folder for figures_grid.png and figures_loss.png")
+    out_dir = parser.parse_args().out_dir
+    names = ["figures_grid.png", "figures_loss.png"]
+    make_folder(out_dir, names)
+    square = -torch.ones(1, 28, 28)
+    square[:, 8:20, 8:20] = 1
+    fade = torch.linspace(0, 1, 10).view(-1, 1, 1, 1)                     # 0: all noise .. 1: the square
+    g = torch.Generator().manual_seed(0)
+    save_grid(to_uint8(fade * square + (1 - fade) * torch.randn(10, 1, 28, 28, generator=g)),
+              os.path.join(out_dir, names[0]), nrow=10)
+    save_loss_curve((0.02 + 0.5 / torch.arange(1, 1001) * (1 + 0.3 * torch.randn(1000, generator=g).abs())).tolist(),
+                    os.path.join(out_dir, names[1]))
+    print(f"saved {', '.join(os.path.join(out_dir, n) for n in names)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
