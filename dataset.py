@@ -118,12 +118,20 @@ def load_torchvision(name, root):
                                 f"{len(labels):,d} labels; they must be as many, and at least one")
             return images.unsqueeze(1).contiguous(), labels.long()
     cls = getattr(torchvision.datasets, NAMED[name])
+    new_folders, folder = [], os.path.abspath(raw)          # the folders a download would make, deepest first
+    while not os.path.isdir(folder):
+        new_folders.append(folder)
+        folder = os.path.dirname(folder)
     try:
         ds = cls(root=root, train=True, download=True)
     except Exception as e:  # offline: torchvision raises RuntimeError/URLError after its retries
-        raise UserError(f"could not load or download {NAMED[name]} into {root} ({type(e).__name__}); "
-                        f"connect to the internet once, point --data-root at a copy, or pass --data FOLDER "
-                        f"with one subfolder of images per label") from None
+        for folder in new_folders:                # those the failed download made, if it left them empty
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        raise UserError(f"could not load or download {NAMED[name]} into {root} ({type(e).__name__}): {raw} holds "
+                        f"no train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]; connect to the internet "
+                        f"once, point --data-root at a copy, or pass --data FOLDER with one subfolder of images "
+                        f"per label") from None
     return ds.data.unsqueeze(1).contiguous(), ds.targets.long()           # (N,1,28,28) uint8, (N,)
 
 
@@ -166,6 +174,13 @@ def grayscale(img):
     """A PIL image as 8-bit grayscale (mode L). convert("L") alone clips 16-bit pixels at 255 and drops alpha."""
     if img.mode.startswith("I"):            # 16-bit (I;16, or I as older Pillow opens 16-bit PNGs): 65535 -> 255
         return img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")          # (+ 0.5: rounded)
+    if img.mode == "F":                     # 32-bit float pixels (TIFF): convert("L") would read 0..1 as black
+        lo, hi = img.getextrema()
+        if not 0 <= lo <= hi <= 255:        # (nan fails every comparison)
+            raise UserError(f"{getattr(img, 'filename', 'an image')} holds floating-point pixels from {lo:g} to "
+                            f"{hi:g}; expected 0..1 or 0..255")
+        scale = 255 if hi <= 1 else 1
+        return img.point(lambda v: v * scale + 0.5).convert("L")
     if "A" in img.getbands() or "transparency" in img.info:
         # A transparent pixel shows what lies behind it, and behind an MNIST digit is black: composite onto black
         # (convert("L") would show whatever colour the transparent pixels store, often white). A shape drawn in

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import ModelConfig, Parser, UserError, config_from_dict, load_file
+from diffusion import Schedule, check_signal_left
 
 
 def sinusoidal_embedding(t, dim):
@@ -186,6 +187,7 @@ def check_model_config(cfg):
         raise UserError("context_tokens, context_dim must be positive and time_dim even")
     if not 0 < cfg.beta_start < cfg.beta_end < 1 or cfg.T < 1:
         raise UserError(f"need 0 < beta_start < beta_end < 1 and T >= 1 (got {cfg.beta_start}, {cfg.beta_end}, {cfg.T})")
+    check_signal_left(Schedule(cfg.T, cfg.beta_start, cfg.beta_end))
 
 
 def count_parameters(model):

@@ -386,8 +386,9 @@ def train_classifier(train_x, train_y, domain, seed=0, verbose=True):
 
 
 def load_classifier(domain="mnist", data_root=None, mnist_folder=None, cache_dir=None, seed=0,
-                    retrain=False, verbose=True):
-    """The domain's classifier, trained on first use and cached in cache_dir.
+                    retrain=False, verbose=True, labels=None):
+    """The domain's classifier, trained on first use and cached in cache_dir. labels: the samples' labels, if
+    known, checked against the real data before any training (check_labels_covered).
 
     Returns (model, info) where model is a Classifier in eval mode and info is a dict with
     heldout_accuracy, heldout_features (float64 (M,128)), train_features (float32, one row per
@@ -397,6 +398,8 @@ def load_classifier(domain="mnist", data_root=None, mnist_folder=None, cache_dir
         raise UsageError(f"unknown domain {domain!r}, expected one of {DOMAINS}")
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     real = load_real(domain, data_root, mnist_folder, cache_dir, seed)
+    if labels is not None:
+        check_labels_covered(labels, real["train_y"])
     path = cache_dir / f"classifier_{domain}_seed{seed}.pt"
     model = Classifier()
     info = None
@@ -485,6 +488,15 @@ def frechet_distance(feats1, feats2):
 
 # ----------------------------------------------------------------------------- scoring
 
+def check_labels_covered(labels, real_labels):
+    """Every label the samples hold needs real images of it to score them against (an empty label folder in
+    --mnist-folder, say, has none)."""
+    missing = sorted(set(labels.tolist()) - set(real_labels.tolist()))
+    if missing:
+        raise DataError(f"the samples hold label {missing[0]} but the real images have none of it (to score them "
+                        f"against): give real images of every label the samples hold")
+
+
 def _draw_like(labels, pool_labels, generator):
     """Indices into the pool with the same label counts as `labels` (without replacement when
     the pool has enough of a label, with replacement otherwise). Returns (idx, replaced)."""
@@ -492,9 +504,6 @@ def _draw_like(labels, pool_labels, generator):
     for c in labels.unique().tolist():
         need = int((labels == c).sum())
         have = (pool_labels == c).nonzero().squeeze(1)
-        if not len(have):                   # (an empty label folder in --mnist-folder, say)
-            raise DataError(f"the samples hold label {c} but the real images have none of it (to score them "
-                            f"against): give real images of every label the samples hold")
         if len(have) >= need:
             pick = have[torch.randperm(len(have), generator=generator)[:need]]
         else:
@@ -513,8 +522,9 @@ def score(images_uint8, labels, domain="mnist", data_root=None, mnist_folder=Non
     validate_samples(images_uint8, labels)
     if classifier is None:
         classifier = load_classifier(domain, data_root, mnist_folder, cache_dir, seed,
-                                     verbose=verbose)
+                                     verbose=verbose, labels=labels)
     model, info = classifier
+    check_labels_covered(labels, info["train_y"])
     n = len(images_uint8)
     logits, feats = run_classifier(model, images_uint8)
     pred = logits.argmax(1)
@@ -653,7 +663,7 @@ def main(argv=None):
             return 0
         images, labels = load_samples(a.samples)
         clf = load_classifier(a.domain, a.data_root, a.mnist_folder, a.cache_dir, a.seed,
-                              retrain=a.retrain, verbose=True)
+                              retrain=a.retrain, verbose=True, labels=labels)
         r = score(images, labels, a.domain, seed=a.seed, classifier=clf)
     except (UsageError, DataError) as e:        # bad input either way: one line, exit 2
         print(f"error: {e}", file=sys.stderr)

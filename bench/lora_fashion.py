@@ -176,9 +176,10 @@ def main():
     parser.add_argument("--base", default="model.pt", help="digit model from train.py (read only)")
     parser.add_argument("--data-root", default="../shared/data", help="where FashionMNIST/ is")
     parser.add_argument("--runs", type=names(RUNS), default=",".join(RUNS), help=f"which of {', '.join(RUNS)}")
-    parser.add_argument("--steps", type=number(int, LIMITS["max_steps"]), default=FinetuneConfig.max_steps,
-                        help="fine-tuning steps of every run")
-    parser.add_argument("--per-label", type=number(int, "[1, 1e5]"), default=100, help="samples per label to score")
+    parser.add_argument("--steps", type=number(int, LIMITS["max_steps"]), default=None,
+                        help=f"fine-tuning steps of every run (default {FinetuneConfig.max_steps}, 3 with --quick)")
+    parser.add_argument("--per-label", type=number(int, "[1, 1e5]"), default=None,
+                        help="samples per label to score (default 100, 2 with --quick)")
     parser.add_argument("--seed", type=number(int, LIMITS["seed"]), default=0)
     parser.add_argument("--classifier-seeds", type=numbers(int, "[0, 2147483647]"), default=(0,),
                         help="score with the evaluator's classifier of each of these seeds (e.g. 0,1,2; the first "
@@ -189,14 +190,17 @@ def main():
     parser.add_argument("--work", type=writable_folder, default="bench/.lora_fashion",
                         help="folder for the runs' files and logs, new or empty (a run again replaces them)")
     parser.add_argument("--figures", type=writable_folder, default="bench/figures", help="where the two figures go")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 2 samples per label")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 3 steps, 2 samples per label, unless --steps or --per-label says otherwise")
     args = parser.parse_args()
     if not os.path.isfile(args.base):
         raise UserError(f"--base {args.base}: not found (train one with python train.py)")
     if not args.classifier_seeds or len(set(args.classifier_seeds)) < len(args.classifier_seeds):
         raise UserError(f"--classifier-seeds: give each seed once, e.g. 0,1,2 (got {args.classifier_seeds or 'none'})")
-    if args.quick:
-        args.steps, args.per_label = 3, 2
+    if args.steps is None:                    # (an explicit --steps or --per-label wins over --quick's)
+        args.steps = 3 if args.quick else FinetuneConfig.max_steps
+    if args.per_label is None:
+        args.per_label = 2 if args.quick else 100
     args.base = os.path.abspath(args.base)
     work = Path(args.work).resolve()
     # Its children replace files in --work (--overwrite): only in a folder this bench made or found empty, and

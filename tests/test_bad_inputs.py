@@ -126,6 +126,8 @@ CASES = [
     ("widths-do-not-halve", "train.py", ["--widths", "8,16,32"], ["halve evenly", "patch 2"]),
     ("widths-not-numbers", "train.py", ["--widths", "8,wide"], ["--widths"]),
     ("widths-empty", "train.py", ["--widths", ""], ["at least one width"]),
+    ("schedule-leaves-no-signal", "train.py", ["--beta-start", "0.5", "--beta-end", "0.999999"],
+     ["noise schedule", "leaves nothing of the image", "--beta-start"]),
     ("patch-0", "train.py", ["--patch", "0"], ["--patch", "[1, 8]", "got 0"]),
     ("heads-do-not-divide", "train.py", ["--heads", "3"], ["heads=3"]),
     # --data

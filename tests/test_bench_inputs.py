@@ -98,6 +98,16 @@ def test_lora_fashion_runs_again_in_the_same_work_folder(cli, base_run, tmp_path
     assert (tmp_path / "F" / "lora_fashion.png").is_file()
 
 
+def test_lora_fashion_quick_keeps_an_explicit_per_label(cli, base_run, tmp_path):
+    """--quick fills in 2 samples per label (and 3 steps) only where --per-label (--steps) is not given: it used
+    to replace them without a word."""
+    args = ["--base", base_run["ckpt"], "--runs", "base", "--work", tmp_path / "W", "--figures", tmp_path / "F"]
+    for extra, per_label in ((["--quick"], 2), (["--quick", "--per-label", "3"], 3)):
+        check_ok(cli.run(None, *args, *extra, code=FIXED_SCORE))
+        labels = torch.load(tmp_path / "W" / "base.samples.pt")["labels"]
+        assert torch.bincount(labels).tolist() == [per_label] * 10, extra
+
+
 def test_lora_fashion_child_failure_is_one_line_naming_its_log(cli, tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     line = check_user_error(cli.run(None, "--base", tmp_path / "notes.txt", "--quick", "--runs", "base", "--work",
@@ -204,12 +214,13 @@ def test_evaluate_refuses_mnist_folder_with_fashion(cli, shared):
                              "/nonexistent", "--json"), "--mnist-folder", "--domain mnist")
 
 
-def test_evaluate_refuses_a_label_with_no_real_images(tmp_path):
+def test_evaluate_refuses_a_label_with_no_real_images(tmp_path, monkeypatch):
     """An --mnist-folder whose 9/ is empty, samples that hold label 9: a DataError naming the label (it was a
-    RuntimeError from torch.randint drawing the floor's real images)."""
+    RuntimeError from torch.randint drawing the floor's real images), before a classifier is trained."""
     folder = write_image_folder(tmp_path / "digits")
     for f in (folder / "9").iterdir():
         f.unlink()
+    monkeypatch.setattr(ev, "train_classifier", lambda *a, **k: pytest.fail("trained before checking the labels"))
     with pytest.raises(ev.DataError, match="label 9"):
         ev.score(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10), mnist_folder=folder,
                  cache_dir=tmp_path / "cache")

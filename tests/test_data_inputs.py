@@ -149,3 +149,20 @@ def test_transparent_png(tmp_path):
         assert torch.equal(images[i, 0], torch.from_numpy(square)), i
     expected = np.asarray(Image.fromarray(opaque[..., :3], "RGB").convert("L"))
     assert torch.equal(images[1, 0], torch.from_numpy(expected.copy()))
+
+
+def test_float_tiff_pixels(tmp_path):
+    """32-bit float images (Pillow's mode F, e.g. TIFF): 0..1 is scaled to 0..255 (convert("L") alone read it
+    as black), 0..255 is kept (rounded), and any other range (or nan) is one line naming the file."""
+    (tmp_path / "d" / "0").mkdir(parents=True)
+    ramp = np.linspace(0, 1, 28 * 28, dtype=np.float32).reshape(28, 28)
+    Image.fromarray(ramp, "F").save(tmp_path / "d" / "0" / "a_unit.tif")
+    Image.fromarray(ramp * 255, "F").save(tmp_path / "d" / "0" / "b_bytes.tif")
+    images, _ = load_images(str(tmp_path / "d"), None, 28)
+    expected = torch.from_numpy(np.round(ramp * 255).astype(np.uint8))
+    assert (images[0, 0].int() - expected.int()).abs().max() <= 1 and images[0, 0].max() == 255
+    assert (images[1, 0].int() - expected.int()).abs().max() <= 1
+    for bad in (ramp - 0.5, np.full((28, 28), np.nan, np.float32)):
+        Image.fromarray(bad, "F").save(tmp_path / "d" / "0" / "c_bad.tif")
+        with pytest.raises(UserError, match="c_bad.tif holds floating-point pixels"):
+            load_images(str(tmp_path / "d"), None, 28)

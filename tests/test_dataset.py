@@ -1,10 +1,12 @@
 """Batches (epoch coverage, resumable state) and loading a folder of images."""
 import gzip
 import io
+import os
 import sys
 
 import pytest
 import torch
+import torchvision
 
 from config import UserError
 from conftest import write_image_folder
@@ -104,6 +106,21 @@ def test_mnist_raw_files_are_read_without_downloading(tmp_path, suffix, monkeypa
     got_images, got_labels = load_images("mnist", str(tmp_path), 28)
     assert torch.equal(got_images, images.unsqueeze(1))
     assert got_labels.dtype == torch.int64 and got_labels.tolist() == [3, 1, 4, 1, 5]
+
+
+def test_failed_download_is_one_line_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    """Offline, torchvision makes ROOT/MNIST/raw and then fails: the line names the raw files that were looked
+    for, and the folders the attempt made are gone again (a folder that was there before stays)."""
+    class Offline:
+        def __init__(self, root, train, download):
+            os.makedirs(os.path.join(root, "MNIST", "raw"), exist_ok=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    for root in (tmp_path / "new" / "data", tmp_path):
+        with pytest.raises(UserError, match=r"could not load or download MNIST .*train-images-idx3-ubyte\[\.gz\]"):
+            load_images("mnist", str(root), 28)
+        assert not (root / "MNIST").exists()
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
 
 
 def test_load_folder(tmp_path, capsys):
