@@ -132,14 +132,14 @@ def dpm_solver_step(sched, x_t, t, t_prev, eps, history=None):
 
 def check_signal_left(sched):
     """Refuse a schedule under which most x_t hold nothing of the image (abar_t < 1e-6: the image is under a
-    thousandth of the noise). The network would learn from noise alone: with v-prediction and min-SNR its
-    loss weight is 0 there, so it trains to a loss of 0 and samples black. (abar_T = 0 at the last step alone,
-    a zero terminal SNR, is a legitimate choice and passes.)"""
+    thousandth of the noise). There the target follows from x_t alone (eps = x_t; min-SNR weighs v's error by
+    about SNR_t = 0), so the network trains to a loss near 0 and samples black. (abar_T = 0 at the last step
+    alone, a zero terminal SNR, is a legitimate choice and passes.)"""
     gone = sched.alpha_bars < 1e-6
     if gone.float().mean() > 0.5:
         first = int(gone.nonzero()[0])
-        raise UserError(f"the noise schedule (beta from {sched.betas[0]:g} to {sched.betas[-1]:g} over T={sched.T} steps) "
-                        f"leaves nothing of the image from step {first} on (abar_t < 1e-6), so most steps would "
+        raise UserError(f"the noise schedule (beta from {sched.betas[0]:g} to {sched.betas[-1]:g} over "
+                        f"T={sched.T} steps) leaves nothing of the image from step {first} on (abar_t < 1e-6), so most steps would "
                         f"train on noise alone; lower --beta-start or --beta-end (defaults "
                         f"{ModelConfig.beta_start:g}, {ModelConfig.beta_end:g})")
 
