@@ -34,6 +34,7 @@ SCRIPTS = {
     "lora.py": ["--inspect", "{in}/lora.pt"],
     "dataset.py": ["--data", "{in}/digits", "--out", "d.png"],
     "diffusion.py": ["--data", "{in}/digits", "--out", "f.png"],
+    "figures.py": ["--out-dir", "out"],
     "bench/evaluate.py": ["{in}/samples.pt"],
 }
 
@@ -126,6 +127,8 @@ def test_flag_value(cli, sweep_inputs, tmp_path, script, flag, value):  # noqa: 
         assert (tmp_path / argv[argv.index("--out-dir") + 1] / "samples.png").stat().st_size > 0
     elif script == "lora.py":
         assert "total:" in result.stdout
+    elif script == "figures.py":
+        assert (tmp_path / argv[argv.index("--out-dir") + 1] / "figures_grid.png").stat().st_size > 0
     else:
         assert (tmp_path / argv[argv.index("--out") + 1]).stat().st_size > 0
 
