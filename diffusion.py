@@ -139,8 +139,8 @@ def check_signal_left(sched):
     if gone.float().mean() > 0.5:
         first = int(gone.nonzero()[0])
         raise UserError(f"the noise schedule (beta from {sched.betas[0]:g} to {sched.betas[-1]:g} over "
-                        f"T={sched.T} steps) leaves nothing of the image from step {first} on (abar_t < 1e-6), so most steps would "
-                        f"train on noise alone; lower --beta-start or --beta-end (defaults "
+                        f"T={sched.T} steps) leaves nothing of the image from step {first} on (abar_t < 1e-6), "
+                        f"so most steps would train on noise alone; lower --beta-start or --beta-end (defaults "
                         f"{ModelConfig.beta_start:g}, {ModelConfig.beta_end:g})")
 
 
