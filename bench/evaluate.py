@@ -40,6 +40,10 @@ What the numbers mean:
               small N, so compare fd with this floor, not with 0.
   fd_ratio    fd / fd_floor: about 1 means "as close to the real data as real data is";
               a few means visibly off; tens or hundreds means noise or collapsed output.
+  spread      how varied each label's samples are: the trace of their features' covariance over
+              that of the held-out real images of the label, averaged over labels (per label
+              too). Real images score about 1 (spread_floor, from the floor's draws); guidance
+              pushes it below 1 (samples too alike), off-label or broken samples above 1.
 """
 
 import argparse
@@ -488,6 +492,24 @@ def frechet_distance(feats1, feats2):
 
 # ----------------------------------------------------------------------------- scoring
 
+def within_label_spread(feats, labels, ref_feats, ref_labels):
+    """How varied each label's samples are against real images of that label: tr(cov) of the label's
+    features over tr(cov) of the reference's, per label ({label: ratio}; labels with under 2 of either are
+    left out). 1: as varied as real images; below 1: too alike (guidance narrows each label); above 1: too
+    scattered (samples of other labels, or broken ones). FD mixes this with how far the means lie apart; this
+    says which way the samples' spread is off."""
+    ratios = {}
+    for c in labels.unique().tolist():
+        mine, ref = feats[labels == c], ref_feats[ref_labels == c]
+        if len(mine) > 1 and len(ref) > 1:
+            ratios[int(c)] = round(float(feature_stats(mine)[1].trace() / feature_stats(ref)[1].trace()), 3)
+    return ratios
+
+
+def mean_spread(ratios):
+    return round(sum(ratios.values()) / len(ratios), 3) if ratios else None
+
+
 def check_labels_covered(labels, real_labels):
     """Every label the samples hold needs real images of it to score them against (an empty label folder in
     --mnist-folder, say, has none)."""
@@ -534,16 +556,19 @@ def score(images_uint8, labels, domain="mnist", data_root=None, mnist_folder=Non
     held = info["heldout_features"]
     mu_h, s_h = feature_stats(held)
     fd = frechet_distance_from_stats(*feature_stats(feats), mu_h, s_h)
+    spread = within_label_spread(feats, labels, held, info["held_y"])
 
     # Floor: N real images (same label mix) from the classifier-training split vs the same
     # held-out reference, averaged over a few seeded draws.
     g = torch.Generator().manual_seed(seed + 12345)
-    floors, replaced = [], False
+    floors, floor_spreads, replaced = [], [], False
     for _ in range(FLOOR_DRAWS):
         idx, rep = _draw_like(labels, info["train_y"], g)
         replaced |= rep
         f_real = info["train_features"][idx]
         floors.append(frechet_distance_from_stats(*feature_stats(f_real), mu_h, s_h))
+        if spread:   # (the draws hold the samples' labels, so they have a spread wherever the samples do)
+            floor_spreads.append(mean_spread(within_label_spread(f_real, info["train_y"][idx], held, info["held_y"])))
     floors_t = torch.tensor(floors)
     fd_floor = floors_t.mean().item()
     return dict(
@@ -553,6 +578,9 @@ def score(images_uint8, labels, domain="mnist", data_root=None, mnist_folder=Non
         fd=round(fd, 4),
         fd_floor=round(fd_floor, 4),
         fd_ratio=round(fd / fd_floor, 3) if fd_floor > 0 else None,
+        spread=mean_spread(spread),
+        spread_per_label=spread,
+        spread_floor=round(sum(floor_spreads) / FLOOR_DRAWS, 3) if spread else None,
         classifier_heldout_accuracy=round(info["heldout_accuracy"], 4),
         domain=domain,
         fd_floor_std=round(floors_t.std().item(), 4),
@@ -574,6 +602,10 @@ def format_report(r):
         f"FD / floor: {r['fd_ratio'] if r['fd_ratio'] is None else format(r['fd_ratio'], '.2f')}"
         "   (about 1 = as good as real data; lower FD is better)",
     ]
+    if r["spread"] is not None:
+        lines += [f"spread within each label, samples / held-out real: {r['spread']:.2f} (real train-split images: "
+                  f"{r['spread_floor']:.2f}; below 1 = too alike, above = too scattered)",
+                  "  per label: " + "  ".join(f"{k}:{v:.2f}" for k, v in sorted(r["spread_per_label"].items()))]
     if r["floor_with_replacement"]:
         lines.append("note: some labels had fewer real images than samples; the floor drew them "
                      "with replacement (repeats make the floor a bit higher, the ratio a bit flattering)")

@@ -60,6 +60,40 @@ def test_fd_fewer_samples_than_dims_is_finite():
     assert fd == fd and 0 < fd < float("inf")
 
 
+def test_within_label_spread_compares_each_labels_variety_with_reals():
+    g = torch.Generator().manual_seed(4)
+    means = torch.randn(3, 8, generator=g, dtype=torch.float64) * 10
+    ref_y = torch.arange(3).repeat_interleave(4000)
+    ref = means[ref_y] + torch.randn(len(ref_y), 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([0] * 2000 + [1] * 2000 + [2])                       # label 2: one sample, no spread
+    same = means[y] + torch.randn(len(y), 8, generator=g, dtype=torch.float64)
+    ratios = ev.within_label_spread(same, y, ref, ref_y)
+    assert set(ratios) == {0, 1} and all(r == pytest.approx(1, abs=0.1) for r in ratios.values())
+    narrow = means[y] + 0.5 * (same - means[y])                           # half the spread: a quarter of tr(cov)
+    ratios = ev.within_label_spread(narrow, y, ref, ref_y)
+    assert all(r == pytest.approx(0.25, abs=0.03) for r in ratios.values())
+    assert ev.mean_spread(ratios) == pytest.approx(sum(ratios.values()) / 2, abs=1e-3) and ev.mean_spread({}) is None
+
+
+def test_score_reports_samples_that_are_all_alike_as_no_spread():
+    """score() end to end with a stand-in classifier (features: the image's first pixels): samples that repeat
+    one image per label have no spread, real images drawn for the floor have about the held-out's."""
+    class Features(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(len(x), 10), x.flatten(1)[:, :16]
+    g = torch.Generator().manual_seed(5)
+    real_y = torch.arange(10).repeat(300)
+    real_x = torch.randint(0, 256, (len(real_y), 1, 28, 28), generator=g, dtype=torch.uint8)
+    feats = lambda images: ev.run_classifier(Features(), images)[1]      # noqa: E731
+    info = dict(heldout_features=feats(real_x[:1000]).double(), held_y=real_y[:1000],
+                train_features=feats(real_x[1000:]), train_y=real_y[1000:], heldout_accuracy=1.0, source="made-up")
+    labels = torch.arange(10).repeat_interleave(20)
+    r = ev.score(real_x[labels + 1000], labels, classifier=(Features(), info))     # image i repeated 20 times
+    assert r["spread"] == 0 and set(r["spread_per_label"]) == set(range(10))
+    assert r["spread_floor"] == pytest.approx(1, abs=0.15)
+    assert "spread within each label, samples / held-out real: 0.00" in ev.format_report(r)
+
+
 def test_load_samples_accepts_a_good_file(tmp_path):
     p = tmp_path / "ok.pt"
     torch.save({"images": torch.zeros(4, 1, 28, 28, dtype=torch.uint8),
