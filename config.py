@@ -166,6 +166,7 @@ def run_main(main):
     try:
         main()
     except UserError as e:
+        remove_if_empty(MADE_FOLDERS)          # a wrong input leaves no folder behind that the run made for nothing
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:                  # a second Ctrl-C: quit at once (files are written atomically)
@@ -280,6 +281,25 @@ def check_output_path(path):
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
+MADE_FOLDERS = []   # the folders make_folder created in this process, deepest first (see run_main)
+
+
+def missing_folders(path):
+    """The folders that making `path` would create, deepest first."""
+    folders, folder = [], os.path.abspath(path or ".")
+    while not os.path.isdir(folder):
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    return folders
+
+
+def remove_if_empty(folders):
+    """Remove each of `folders` (deepest first) that is still an empty folder: what a run that stopped early made."""
+    for folder in folders:
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+
 def make_folder(path, files=(), outputs=(), inputs=(), flag="--out-dir"):
     """os.makedirs for --out-dir (named `flag` in messages), refusing clearly, before any work: a file in the
     way, a folder that cannot be made, or one of the `files` the run will write there (its figures) that could
@@ -292,6 +312,7 @@ def make_folder(path, files=(), outputs=(), inputs=(), flag="--out-dir"):
             raise UserError(f"{out_flag} {out} is {flag}, the folder for the figures: give {out_flag} a file name")
     for name in files:                                      # (before the folder is made: it may be among them)
         check_not_input(os.path.join(path, name), inputs)
+    MADE_FOLDERS.extend(missing_folders(path))
     try:
         os.makedirs(path or ".", exist_ok=True)             # "": the current folder
     except OSError as e:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from config import LIMITS, Parser, UserError, check_new_output, make_folder, run_main, within
+from config import (LIMITS, Parser, UserError, check_new_output, make_folder, missing_folders, remove_if_empty, run_main,
+                    within)
 from figures import save_grid
 
 NAMED = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -118,16 +119,11 @@ def load_torchvision(name, root):
                                 f"{len(labels):,d} labels; they must be as many, and at least one")
             return images.unsqueeze(1).contiguous(), labels.long()
     cls = getattr(torchvision.datasets, NAMED[name])
-    new_folders, folder = [], os.path.abspath(raw)          # the folders a download would make, deepest first
-    while not os.path.isdir(folder):
-        new_folders.append(folder)
-        folder = os.path.dirname(folder)
+    new_folders = missing_folders(raw)                      # the folders a download would make
     try:
         ds = cls(root=root, train=True, download=True)
     except Exception as e:  # offline: torchvision raises RuntimeError/URLError after its retries
-        for folder in new_folders:                # those the failed download made, if it left them empty
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+        remove_if_empty(new_folders)              # those the failed download made, if it left them empty
         raise UserError(f"could not load or download {NAMED[name]} into {root} ({type(e).__name__}): {raw} holds "
                         f"no train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]; connect to the internet "
                         f"once, point --data-root at a copy, or pass --data FOLDER with one subfolder of images "

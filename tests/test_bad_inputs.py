@@ -445,6 +445,18 @@ def test_loss_not_finite_stops_and_keeps_the_checkpoint(cli, inputs, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_a_refused_first_run_leaves_no_folder_behind(tmp_path):
+    """A newcomer's first `python train.py`, refused (here: data it cannot read), in a folder with no outputs/
+    yet: one line, exit 2, and no outputs/ left behind; nor the folders a deeper --out-dir made, while the
+    (empty) folder the user had stays."""
+    (tmp_path / "mine").mkdir()
+    for out_dir in ([], ["--out-dir", "mine/new/figures"]):
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "nope", *out_dir], cwd=tmp_path,
+                                env=_env(), capture_output=True, text=True, timeout=120)
+        check_user_error(result, "--data nope")
+    assert [p.name for p in tmp_path.rglob("*")] == ["mine"]
+
+
 @pytest.mark.parametrize("case", ["denoise-checkpoint-truncated", "finetune-resume-other-base", "train-out-no-folder"])
 def test_bad_input_in_a_fresh_interpreter(inputs, tmp_path, case):
     """The same one-line error from a plain `python SCRIPT ARGS`, as a user runs it (not through the fork server)."""
