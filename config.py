@@ -281,7 +281,7 @@ def check_output_path(path):
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-MADE_FOLDERS = []   # the folders make_folder created in this process, deepest first (see run_main)
+MADE_FOLDERS = []   # the folders make_folder created in this process (see run_main)
 
 
 def missing_folders(path):
@@ -294,8 +294,8 @@ def missing_folders(path):
 
 
 def remove_if_empty(folders):
-    """Remove each of `folders` (deepest first) that is still an empty folder: what a run that stopped early made."""
-    for folder in folders:
+    """Remove each of `folders` that is still an empty folder (what a run that stopped early made), subfolders first."""
+    for folder in sorted(folders, key=len, reverse=True):     # a folder's path is longer than its parent's
         if os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)
 

@@ -174,3 +174,15 @@ def test_an_output_inside_the_data_folder_is_refused(tmp_path):
         config.check_new_output(str(image), None, True, inputs=[("--data", str(tmp_path / "digits"))])
     assert image.read_bytes() == b"not really a png"
     config.check_new_output(str(tmp_path / "figure.png"), None, True, inputs=[("--data", str(tmp_path / "digits"))])
+
+
+def test_remove_if_empty_takes_back_only_empty_folders_subfolders_first(tmp_path):
+    """What a refused run made is removed wherever it is still empty, whatever order the folders were made in;
+    a folder holding a file stays (and so does the file)."""
+    made = config.missing_folders(tmp_path / "a" / "b") + config.missing_folders(tmp_path / "a" / "b" / "c" / "d")
+    made += config.missing_folders(tmp_path / "kept" / "e")
+    for folder in made:
+        os.makedirs(folder, exist_ok=True)
+    (tmp_path / "kept" / "note.txt").write_text("mine")
+    config.remove_if_empty(sorted(set(made)))            # parents before their subfolders
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "note.txt"]
