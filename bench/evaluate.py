@@ -492,18 +492,19 @@ def frechet_distance(feats1, feats2):
 
 # ----------------------------------------------------------------------------- scoring
 
-def within_label_spread(feats, labels, ref_feats, ref_labels):
+def label_traces(feats, labels):
+    """{label: tr(cov) of that label's features}, the total variance of each label (labels with under 2 left out)."""
+    return {int(c): float(feats[labels == c].double().var(0).sum()) for c in labels.unique().tolist()
+            if (labels == c).sum() > 1}
+
+
+def within_label_spread(feats, labels, ref_traces):
     """How varied each label's samples are against real images of that label: tr(cov) of the label's
-    features over tr(cov) of the reference's, per label ({label: ratio}; labels with under 2 of either are
-    left out). 1: as varied as real images; below 1: too alike (guidance narrows each label); above 1: too
-    scattered (samples of other labels, or broken ones). FD mixes this with how far the means lie apart; this
-    says which way the samples' spread is off."""
-    ratios = {}
-    for c in labels.unique().tolist():
-        mine, ref = feats[labels == c], ref_feats[ref_labels == c]
-        if len(mine) > 1 and len(ref) > 1:
-            ratios[int(c)] = round(float(feature_stats(mine)[1].trace() / feature_stats(ref)[1].trace()), 3)
-    return ratios
+    features over the reference's (ref_traces, from label_traces), per label ({label: ratio}; labels with
+    under 2 samples, or none in the reference, are left out). 1: as varied as real images; below 1: too alike
+    (guidance narrows each label); above 1: too scattered (samples of other labels, or broken ones). FD mixes
+    this with how far the means lie apart; this says which way the samples' spread is off."""
+    return {c: round(trace / ref_traces[c], 3) for c, trace in label_traces(feats, labels).items() if c in ref_traces}
 
 
 def mean_spread(ratios):
@@ -556,7 +557,8 @@ def score(images_uint8, labels, domain="mnist", data_root=None, mnist_folder=Non
     held = info["heldout_features"]
     mu_h, s_h = feature_stats(held)
     fd = frechet_distance_from_stats(*feature_stats(feats), mu_h, s_h)
-    spread = within_label_spread(feats, labels, held, info["held_y"])
+    held_traces = label_traces(held, info["held_y"])
+    spread = within_label_spread(feats, labels, held_traces)
 
     # Floor: N real images (same label mix) from the classifier-training split vs the same
     # held-out reference, averaged over a few seeded draws.
@@ -568,7 +570,7 @@ def score(images_uint8, labels, domain="mnist", data_root=None, mnist_folder=Non
         f_real = info["train_features"][idx]
         floors.append(frechet_distance_from_stats(*feature_stats(f_real), mu_h, s_h))
         if spread:   # (the draws hold the samples' labels, so they have a spread wherever the samples do)
-            floor_spreads.append(mean_spread(within_label_spread(f_real, info["train_y"][idx], held, info["held_y"])))
+            floor_spreads.append(mean_spread(within_label_spread(f_real, info["train_y"][idx], held_traces)))
     floors_t = torch.tensor(floors)
     fd_floor = floors_t.mean().item()
     return dict(

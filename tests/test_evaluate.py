@@ -67,10 +67,10 @@ def test_within_label_spread_compares_each_labels_variety_with_reals():
     ref = means[ref_y] + torch.randn(len(ref_y), 8, generator=g, dtype=torch.float64)
     y = torch.tensor([0] * 2000 + [1] * 2000 + [2])                       # label 2: one sample, no spread
     same = means[y] + torch.randn(len(y), 8, generator=g, dtype=torch.float64)
-    ratios = ev.within_label_spread(same, y, ref, ref_y)
+    ratios = ev.within_label_spread(same, y, ev.label_traces(ref, ref_y))
     assert set(ratios) == {0, 1} and all(r == pytest.approx(1, abs=0.1) for r in ratios.values())
     narrow = means[y] + 0.5 * (same - means[y])                           # half the spread: a quarter of tr(cov)
-    ratios = ev.within_label_spread(narrow, y, ref, ref_y)
+    ratios = ev.within_label_spread(narrow, y, ev.label_traces(ref, ref_y))
     assert all(r == pytest.approx(0.25, abs=0.03) for r in ratios.values())
     assert ev.mean_spread(ratios) == pytest.approx(sum(ratios.values()) / 2, abs=1e-3) and ev.mean_spread({}) is None
 
