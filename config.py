@@ -163,6 +163,7 @@ class UserError(Exception):
 def run_main(main):
     """Run a script's main(); a UserError becomes `error: ...` on stderr and exit code 2."""
     keep_freed_memory()
+    MADE_FOLDERS.clear()                       # the record is this run's: a folder an earlier run made stays
     try:
         main()
     except UserError as e:

@@ -186,3 +186,17 @@ def test_remove_if_empty_takes_back_only_empty_folders_subfolders_first(tmp_path
     (tmp_path / "kept" / "note.txt").write_text("mine")
     config.remove_if_empty(sorted(set(made)))            # parents before their subfolders
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "note.txt"]
+
+
+def test_run_main_takes_back_only_the_folders_of_its_own_run(tmp_path):
+    """run_main removes, on a UserError, the empty folders make_folder made in that run; one made earlier in the
+    same process (a run that finished) stays."""
+    config.make_folder(str(tmp_path / "earlier"))
+
+    def main():
+        config.make_folder(str(tmp_path / "now" / "deeper"))
+        raise UserError("wrong input")
+
+    with pytest.raises(SystemExit):
+        config.run_main(main)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]
