@@ -86,7 +86,7 @@ def save_loss_curve(losses, path):
     plt.plot([k * (i + 0.5) for i in range(len(smooth))], smooth, label=f"mean of {k} steps")
     plt.yscale("log")
     plt.xlabel("step")
-    plt.ylabel("MSE(eps, eps_theta)")
+    plt.ylabel("loss (train_step: weighted MSE)")
     plt.legend()
     save_figure(fig, path)
 
