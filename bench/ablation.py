@@ -1,19 +1,19 @@
 """Which training and sampling changes pay on OUR model? Trains each variant with train.py, samples the
 same 1,000 digits (same seed) from each, and scores them with bench/evaluate.py.
 
-    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 9 models)
+    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 11 models)
     python bench/ablation.py --data ../shared/data/mnist-t10k --jobs 2     # two trainings at a time, 1 thread each
-    python bench/ablation.py --data ../shared/data/mnist-t10k --only default-seed1   # train just these runs
+    python bench/ablation.py --data ../shared/data/mnist-t10k --only default,adamw   # just these runs' rows
 
 A run whose folder (bench/.ablation/NAME) already holds a finished model.pt and train.json is reused, so
 an interrupted ablation continues where it stopped. train.json records the command and its wall-clock
 time (with --jobs 2 each training shares the 2 cores with another: its time is not a quiet run's).
 
-Rows: the new defaults (two training seeds), the previous defaults (min-SNR gamma 5, guidance 1.25; two
-seeds) with each of their training changes switched off alone, each sampling change switched off alone on the
-default model, and the old defaults (eps-prediction and the plain MSE of the
-blog, the Transformer block in every conv block, 3,400 steps of batch 128, DDIM-25 with guidance 1.5 at
-every step).
+Rows: the new defaults (two training seeds), the previous default (AdamW for 3,000 steps, guidance 1; two
+seeds), the default before it (min-SNR gamma 5, guidance 1.25; two seeds) with each of its training changes
+switched off alone, each sampling change switched off alone on the default model, and the old defaults
+(eps-prediction and the plain MSE of the blog, the Transformer block in every conv block, 3,400 steps of
+batch 128 with AdamW, DDIM-25 with guidance 1.5 at every step).
 """
 import argparse
 import json
@@ -35,45 +35,53 @@ from config import Parser, UserError, number, run_main  # noqa: E402
 from unet import load_model  # noqa: E402
 
 # training variants: run name -> train.py flags on top of the defaults. The rows that switch one older change
-# off were trained on the previous default (min-SNR gamma 5, sampled at w 1.25) and are compared with it.
-GAMMA_5 = ["--min-snr-gamma", "5"]
+# off were trained on an earlier default (AdamW for 3,000 steps; min-SNR gamma 5, sampled at w 1.25) and are
+# compared with it.
+ADAMW = ["--optimizer", "adamw", "--max-steps", "3000"]
+GAMMA_5 = [*ADAMW, "--min-snr-gamma", "5"]
 TRAININGS = {
     "default": [],
     "default-seed1": ["--seed", "1"],
+    "adamw": ADAMW,
+    "adamw-seed1": [*ADAMW, "--seed", "1"],
     "min-snr-5": GAMMA_5,
     "min-snr-5-seed1": [*GAMMA_5, "--seed", "1"],
-    "no-min-snr": ["--min-snr-gamma", "0"],
+    "no-min-snr": [*ADAMW, "--min-snr-gamma", "0"],
     "eps-prediction": [*GAMMA_5, "--prediction", "eps"],
     "attention-everywhere": [*GAMMA_5, "--attention-from", "0"],
     "batch-128": [*GAMMA_5, "--batch-size", "128", "--max-steps", "2600"],
-    "blog-ddpm": ["--prediction", "eps", "--min-snr-gamma", "0", "--attention-from", "0", "--batch-size", "128",
-                  "--max-steps", "3400"],
+    "blog-ddpm": ["--optimizer", "adamw", "--prediction", "eps", "--min-snr-gamma", "0", "--attention-from", "0",
+                  "--batch-size", "128", "--max-steps", "3400"],
 }
 EVERY_STEP = (0, 10 ** 9)                                   # a guidance interval that holds every t
 OLD_SAMPLING = Variant(sampler="ddim", steps=25, guidance=1.5, guidance_interval=EVERY_STEP)
 # table rows: (change, variant, training run, sampling settings on top of SampleConfig's)
-PREVIOUS = Variant(guidance=1.25)                           # the previous default's sampling
+W1 = Variant(guidance=1.0)                                  # the AdamW models' default sampling
+PREVIOUS = Variant(guidance=1.25)                           # the gamma-5 default's sampling
 ROWS = [
     ("new defaults", "training seed 0", "default", Variant()),
     ("", "training seed 1", "default-seed1", Variant()),
-    ("min-SNR gamma 1, w 1", "off: gamma 5, w 1.25 (the previous default)", "min-snr-5", PREVIOUS),
+    ("Muon, 2,400 steps, w 0.8", "off: AdamW, 3,000 steps, w 1 (the previous default)", "adamw", W1),
+    ("", "off, training seed 1", "adamw-seed1", W1),
+    ("", "Muon, 2,400 steps, w 1", "default", W1),
+    ("min-SNR gamma 1, w 1 (AdamW)", "off: gamma 5, w 1.25 (the default before)", "min-snr-5", PREVIOUS),
     ("", "off, training seed 1", "min-snr-5-seed1", PREVIOUS),
-    ("", "gamma 5, w 1", "min-snr-5", Variant()),
-    ("", "gamma 1, w 1.25", "default", PREVIOUS),
-    ("min-SNR loss weighting", "off (gamma 0)", "no-min-snr", Variant()),
+    ("", "gamma 5, w 1", "min-snr-5", W1),
+    ("", "gamma 1, w 1.25", "adamw", PREVIOUS),
+    ("min-SNR loss weighting", "off (gamma 0), w 1", "no-min-snr", W1),
     ("", "off (gamma 0), w 1.25", "no-min-snr", PREVIOUS),
     ("batch 64, 3,000 steps", "off: batch 128, 2,600 steps (gamma 5, w 1.25)", "batch-128", PREVIOUS),
     ("v-prediction", "off: eps-prediction (gamma 5, w 1.25)", "eps-prediction", PREVIOUS),
     ("no Transformer block at 14x14", "off: in every block, the blog's (gamma 5, w 1.25)", "attention-everywhere",
      PREVIOUS),
     ("guidance interval", "off: the same w at every step", "default", Variant(guidance_interval=EVERY_STEP)),
-    ("guidance weight", "w 0.75", "default", Variant(guidance=0.75)),
-    ("", "w 1.1", "default", Variant(guidance=1.1)),
+    ("guidance weight", "w 0.6", "default", Variant(guidance=0.6)),
+    ("", "w 0.9", "default", Variant(guidance=0.9)),
     ("DDIM with 12 steps", "off: 20 steps", "default", Variant(steps=20)),
     ("", "seed 1 model, 20 steps", "default-seed1", Variant(steps=20)),
     ("sampler", "DPM-Solver++(2M), 15 steps", "default", Variant(sampler="dpm++", steps=15)),
-    ("old defaults", "eps, plain MSE, attention everywhere, 3,400 steps of 128; w 1.5 at every step", "blog-ddpm",
-     OLD_SAMPLING),
+    ("old defaults", "eps, plain MSE, attention everywhere, 3,400 steps of 128 (AdamW); w 1.5 at every step",
+     "blog-ddpm", OLD_SAMPLING),
 ]
 
 
@@ -109,13 +117,11 @@ def main():
     parser.add_argument("--per-label", type=number(int, "[1, 10000]"), default=100, help="samples per digit and row")
     parser.add_argument("--seed", type=number(int, "[0, 1e9]"), default=0, help="sampling seed, the same for every row")
     parser.add_argument("--only", type=names(TRAININGS), default=None,
-                        help="comma-separated run names: train only these, no table")
+                        help="comma-separated run names: train only these and print only their rows")
     args = parser.parse_args()
     needed = args.only or list(dict.fromkeys(run for _, _, run, _ in ROWS))
     with ThreadPoolExecutor(args.jobs) as pool:
         trained = dict(zip(needed, pool.map(lambda n: train(n, TRAININGS[n], args), needed)))
-    if args.only:
-        return
     try:
         classifier = load_classifier("mnist")
     except (UsageError, DataError) as e:
@@ -125,13 +131,19 @@ def main():
           f"{classifier[1]['heldout_accuracy']:.1%}\n")
     print("| change | variant | accuracy | weakest digit | FD / floor | train s (jobs) | sampling s |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for change, name, run, variant in ROWS:
+    change, shown = "", ""
+    for change_or_blank, name, run, variant in ROWS:
+        change = change_or_blank or change                   # (a blank change continues the one above it)
+        if run not in trained:
+            continue
         model, _ = load_model(Path(args.runs_dir) / run / "model.pt")
         images, seconds = sample(model, variant, labels, args.seed, torch.device("cpu"))
         r = score(images, labels, classifier=classifier)
         label, worst = min(r["per_label"].items(), key=lambda kv: kv[1])
-        print(f"| {change} | {name} | {r['accuracy']:.1%} | {label}: {worst:.0%} | {r['fd_ratio']:.2f} | "
+        print(f"| {'' if change == shown else change} | {name} | {r['accuracy']:.1%} | {label}: {worst:.0%} | "
+              f"{r['fd_ratio']:.2f} | "
               f"{trained[run]['seconds']:.0f} ({trained[run]['jobs']}) | {seconds:.1f} |", flush=True)
+        shown = change
 
 
 if __name__ == "__main__":

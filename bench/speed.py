@@ -7,12 +7,13 @@ Everything is measured in one run on one machine, so compare the ratios, not the
 machines are noisy, so the configurations are measured in interleaved rounds (A B C, A B C, ...)
 and each table shows the median round, with the fastest and slowest round in brackets.
 
-1. Training: images per second of train.train_step (AdamW, fixed random batch, warm-up steps not
-   counted) for our default model (with TrainConfig().precision, as `python train.py` runs it), the
-   same model laid out as before channels-last (usual NCHW layout, plain GroupNorm), the same model in
-   fp32, and the tutorial's UNet shape (48x48 pixels, no patching, widths 64..1024, one
-   context token) built by our own unet.py, in fp32 at the tutorial's batch of 64. Images/s make the
-   batch sizes comparable; "x tutorial" is the speed-up (target: >= 20x).
+1. Training: images per second of train.train_step (train.py's optimizer, fixed random batch, warm-up steps
+   not counted) for our default model (with TrainConfig().precision, as `python train.py` runs it), the
+   same model with AdamW instead of Muon on its weight matrices, the same model laid out as before
+   channels-last (usual NCHW layout, plain GroupNorm), the same model in fp32, and the tutorial's UNet shape
+   (48x48 pixels, no patching, widths 64..1024, one context token) built by our own unet.py, in fp32 at the
+   tutorial's batch of 64, with AdamW. Images/s make the batch sizes comparable; "x tutorial" is the speed-up
+   (target: >= 20x).
 2. Sampling 100 digits (10 per label) with diffusion.backward_denoise at denoise.py's precision: DDPM-1000,
    DDIM-50, DDIM-50 with guidance 2, denoise.py's default sampler and the same with 20 steps; guidance
    applies on config.SampleConfig's interval, one batched forward of 200 per guided step (samplers,
@@ -28,9 +29,10 @@ and each table shows the median round, with the fastest and slowest round in bra
    batch) with every weight trained (--full), with each adapter, and with the default adapter computed as
    the blog's listing computes a LoRA layer, the detour beside the base layer (detour_forward).
 3. Peak memory: peak resident set size (Linux VmHWM) of a fresh Python process that builds the model
-   and AdamW and runs a few training steps; the baseline process only imports torch and the project.
+   and its optimizer and runs a few training steps; the baseline process only imports torch and the project.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -56,7 +58,7 @@ from diffusion import Schedule, backward_denoise, guidance_at, timesteps  # noqa
 from lora import (LoraConv2d, LoraEmbedding, inject_lora, lora_layers, mark_only_lora_trainable,  # noqa: E402
                   merge_lora)
 from lora_finetune import finetune_defaults, finetune_optimizer  # noqa: E402
-from train import Progress, checkpoint_dict, lr_schedule, EMA, train_step  # noqa: E402
+from train import Progress, checkpoint_dict, lr_schedule, make_optimizer, EMA, train_step  # noqa: E402
 from unet import GroupNorm32, UNet, check_model_config, count_parameters, load_model  # noqa: E402
 
 # The tutorial's UNet shape, built with our blocks: 48x48 pixels directly, five levels, one token.
@@ -124,16 +126,17 @@ def before_channels_last(model):
     return model.to(memory_format=torch.contiguous_format)
 
 
-def make_train_step(cfg, batch_size, dtype, device, before=False):
-    """A fresh seeded UNet(cfg) with AdamW, and a function doing one train_step on a fixed random batch;
-    before=True: the same model laid out as before channels-last (before_channels_last)."""
+def make_train_step(cfg, batch_size, dtype, device, before, optimizer):
+    """A fresh seeded UNet(cfg) with train.py's optimizer (train.make_optimizer: "muon" or "adamw"), and a
+    function doing one train_step on a fixed random batch; before=True: the same model laid out as before
+    channels-last (before_channels_last)."""
     check_model_config(cfg)
     torch.manual_seed(0)
     model = UNet(cfg).to(device)
     if before:
         before_channels_last(model)
-    tcfg = TrainConfig()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    tcfg = dataclasses.replace(TrainConfig(), optimizer=optimizer)
+    optimizer = make_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     sched = Schedule.from_config(cfg)
     x0, labels = fixed_batch(cfg, batch_size, device)
@@ -148,18 +151,21 @@ def fixed_batch(cfg, batch_size, device):
 
 
 def training_setups(batch_size, device):
-    """[(name, config, batch size, autocast dtype, laid out as before channels-last)] for the training measurements."""
-    default_dtype = autocast_dtype(TrainConfig().precision, device)
-    return [("default", ModelConfig(), batch_size, default_dtype, False),
-            ("default, before channels-last", ModelConfig(), batch_size, default_dtype, True),
-            ("default fp32", ModelConfig(), batch_size, None, False),
-            ("tutorial", TUTORIAL, TUTORIAL_BATCH, None, False)]
+    """[(name, config, batch size, autocast dtype, laid out as before channels-last, optimizer)] for the training
+    measurements. The tutorial's shape trains with AdamW (the blog's listing: Adam)."""
+    tcfg = TrainConfig()
+    dtype = autocast_dtype(tcfg.precision, device)
+    return [("default", ModelConfig(), batch_size, dtype, False, tcfg.optimizer),
+            ("default, AdamW", ModelConfig(), batch_size, dtype, False, "adamw"),
+            ("default, before channels-last", ModelConfig(), batch_size, dtype, True, tcfg.optimizer),
+            ("default fp32", ModelConfig(), batch_size, None, False, tcfg.optimizer),
+            ("tutorial", TUTORIAL, TUTORIAL_BATCH, None, False, "adamw")]
 
 
 def measure_training(plan, batch_size, device):
     jobs, rows = {}, []
-    for name, cfg, batch, dtype, before in training_setups(batch_size, device):
-        model, step = make_train_step(cfg, batch, dtype, device, before)
+    for name, cfg, batch, dtype, before, optimizer in training_setups(batch_size, device):
+        model, step = make_train_step(cfg, batch, dtype, device, before, optimizer)
         tutorial = cfg is TUTORIAL
         warmup = 1 if tutorial else plan["warmup_steps"]      # the tutorial shape is slow: few steps
         log(f"training: {name}, {warmup} warm-up step(s)")
@@ -374,9 +380,9 @@ def peak_rss_mib():
 def memory_child(name, steps, batch_size, device):
     """Runs inside the child process: train `steps` steps of setup `name` (or nothing, for the
     baseline) and print the peak RSS as the last line of stdout."""
-    for setup_name, cfg, batch, dtype, before in training_setups(batch_size, device):
+    for setup_name, cfg, batch, dtype, before, optimizer in training_setups(batch_size, device):
         if setup_name == name:
-            _, step = make_train_step(cfg, batch, dtype, device, before)
+            _, step = make_train_step(cfg, batch, dtype, device, before, optimizer)
             for _ in range(steps):
                 step()
     print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
@@ -387,7 +393,7 @@ MEMORY_RUNS = ("baseline", "default", "tutorial")
 
 
 def measure_memory(plan, args, device, env):
-    setups = {n: (b, d) for n, _, b, d, _ in training_setups(args.batch_size, device)}
+    setups = {n: (b, d) for n, _, b, d, _, _ in training_setups(args.batch_size, device)}
     rows = []
     for name in MEMORY_RUNS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--batch-size",
@@ -456,7 +462,7 @@ def markdown(results):
             out.append(f"| {r['name']} | {r['steps']} | {r['batch'] or '-'} | {r['precision'] or '-'} | "
                        f"{r['peak_rss_mib']:.0f} |")
         out += ["", "Memory: peak resident set size (VmHWM) of a fresh Python process that builds the model "
-                    "and AdamW and runs the steps on a fixed random batch; baseline = the same process "
+                    "and its optimizer and runs the steps on a fixed random batch; baseline = the same process "
                     "without a model (Python + torch + the project's imports)."]
     return "\n".join(out)
 

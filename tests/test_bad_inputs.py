@@ -102,6 +102,7 @@ CASES = [
     ("image-size-0", "train.py", ["--image-size", "0"], ["--image-size", "got 0"]),
     ("widths-groupnorm", "train.py", ["--widths", "12,24"], ["GroupNorm", "12, 24"]),
     ("prediction-unknown", "train.py", ["--prediction", "x0"], ["--prediction", "x0"]),
+    ("optimizer-unknown", "train.py", ["--optimizer", "sgd"], ["--optimizer", "sgd", "muon"]),
     ("in-channels-3", "train.py", ["--in-channels", "3"], ["--in-channels", "[1, 1]"]),
     ("unknown-flag", "train.py", ["--learning-rate", "0.1"], ["unrecognized", "--learning-rate"]),
     ("finetune-out-is-base", "lora_finetune.py", ["--out", "{in}/model.pt", "--overwrite"], ["model.pt", "--base"]),
