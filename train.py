@@ -257,8 +257,8 @@ class Muon(torch.optim.Optimizer):
             grads = [p.grad for p in ps]
             bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in ps]
             torch._foreach_lerp_(bufs, grads, 1 - mu)                           # m <- mu m + (1 - mu) g
-            torch._foreach_lerp_(grads, bufs, mu)                               # Nesterov: u = g + mu (m - g)
-            u = torch.stack(grads).reshape(len(ps), ps[0].shape[0], -1)         # (n, out, in*k*k)
+            u = torch.stack(torch._foreach_lerp(grads, bufs, mu))               # Nesterov: u = g + mu (m - g)
+            u = u.reshape(len(ps), ps[0].shape[0], -1)                          # (n, out, in*k*k)
             updates.append(u if u.shape[1] <= u.shape[2] else u.mT)
         for (shape, ps), o in zip(moving, orthogonalize(updates)):
             out, fan_in = shape[0], ps[0][0].numel()

@@ -74,6 +74,7 @@ def test_a_muon_step_gives_a_matrix_an_update_of_one_size_in_every_direction(sha
     s = torch.linalg.svdvals(step)
     assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
     assert (step * grad.reshape(out, fan_in)).sum() > 0                     # downhill
+    assert torch.equal(w.grad, grad)                                        # the gradient is left as it was
 
 
 def test_the_rest_takes_adamw_steps_at_the_schedulers_lr():
