@@ -59,8 +59,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     # Muon (train.Muon) on the weight matrices, AdamW on the rest: 2,400 steps draw as AdamW's 3,000 did (sampled
-    # at guidance 0.8 for AdamW's 1), in 16% less time; "adamw" (with 3,000 steps) is the previous default (README,
-    # "Quality per CPU-minute").
+    # at guidance 0.8 for AdamW's 1), in 9.5-16% less time; "adamw" (with 3,000 steps) is the previous default
+    # (README, "Quality per CPU-minute").
     optimizer: str = "muon"
     warmup_steps: int = 200        # linear LR warm-up, then cosine decay to 0 at max_steps
     max_steps: int = 2400          # training length in optimizer steps (independent of the data size)

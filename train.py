@@ -198,15 +198,17 @@ NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)       # Jordan et al. 2024's quintic: 
 
 
 def orthogonalize(batches, steps=5):
-    """About U V^T for each matrix G = U S V^T in a list of batches (n, a, b), a <= b: every singular value of
-    X = G / ||G|| (all <= 1) is pushed towards 1 by the Newton-Schulz iteration
+    """About U V^T for each matrix G = U S V^T in a list of batches (n, a, b): every singular value of
+    X = G / ||G|| (all <= 1; X read as a x b with a <= b, transposed where G is tall) is pushed towards 1 by the
+    Newton-Schulz iteration
         X <- c1 X + c2 (X X^T) X + c3 (X X^T)^2 X                                      (NEWTON_SCHULZ)
     As written it costs a^2 b a step. X stays Q X_0 with Q (a x a) a polynomial in S = X_0 X_0^T, so we iterate
     on Q alone, Q <- c1 Q + (c2 M + c3 M^2) Q with M = Q S Q^T = X X^T, at a^3 a step (b is up to 9a for a conv),
     and multiply by X_0 once at the end. Gram matrices of similar size share one batched iteration: padded with
     zeros to the next power of two, which leaves their own entries exact."""
     c1, c2, c3 = NEWTON_SCHULZ
-    X = [G / (G.norm(dim=(1, 2), keepdim=True) + 1e-7) for G in batches]
+    tall = [G.shape[1] > G.shape[2] for G in batches]
+    X = [(G.mT if t else G) / (G.norm(dim=(1, 2), keepdim=True) + 1e-7) for G, t in zip(batches, tall)]
     S = [x @ x.mT for x in X]
     by_size = {}
     for i, s in enumerate(S):
@@ -220,7 +222,7 @@ def orthogonalize(batches, steps=5):
             q = c1 * q + (c2 * M + c3 * M @ M) @ q
         for i, block in zip(members, q.split([len(S[i]) for i in members])):
             Q[i] = block[:, :S[i].shape[-1], :S[i].shape[-1]]
-    return [q @ x for q, x in zip(Q, X)]
+    return [(q @ x).mT if t else q @ x for q, x, t in zip(Q, X, tall)]
 
 
 class Muon(torch.optim.Optimizer):
@@ -242,6 +244,7 @@ class Muon(torch.optim.Optimizer):
         self.same_shape = {}                            # one batched Newton-Schulz per shape
         for p in hidden:
             self.same_shape.setdefault(p.shape, []).append(p)
+            self.state[p]["momentum"] = torch.zeros_like(p)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -255,14 +258,12 @@ class Muon(torch.optim.Optimizer):
                 continue
             moving.append((shape, ps))
             grads = [p.grad for p in ps]
-            bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in ps]
+            bufs = [self.state[p]["momentum"] for p in ps]
             torch._foreach_lerp_(bufs, grads, 1 - mu)                           # m <- mu m + (1 - mu) g
             u = torch.stack(torch._foreach_lerp(grads, bufs, mu))               # Nesterov: u = g + mu (m - g)
-            u = u.reshape(len(ps), ps[0].shape[0], -1)                          # (n, out, in*k*k)
-            updates.append(u if u.shape[1] <= u.shape[2] else u.mT)
+            updates.append(u.reshape(len(ps), shape[0], -1))                    # (n, out, in*k*k)
         for (shape, ps), o in zip(moving, orthogonalize(updates)):
-            out, fan_in = shape[0], ps[0][0].numel()
-            o = o if out <= fan_in else o.mT
+            out, fan_in = o.shape[1:]
             torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])    # decoupled weight decay
             torch._foreach_add_(ps, [d.reshape(shape) for d in o.unbind()],
                                 alpha=-group["lr"] * 0.2 * math.sqrt(max(out, fan_in)))

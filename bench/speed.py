@@ -126,7 +126,7 @@ def before_channels_last(model):
     return model.to(memory_format=torch.contiguous_format)
 
 
-def make_train_step(cfg, batch_size, dtype, device, before, optimizer):
+def make_train_step(cfg, batch_size, dtype, device, before, optimizer_name):
     """A fresh seeded UNet(cfg) with train.py's optimizer (train.make_optimizer: "muon" or "adamw"), and a
     function doing one train_step on a fixed random batch; before=True: the same model laid out as before
     channels-last (before_channels_last)."""
@@ -135,7 +135,7 @@ def make_train_step(cfg, batch_size, dtype, device, before, optimizer):
     model = UNet(cfg).to(device)
     if before:
         before_channels_last(model)
-    tcfg = dataclasses.replace(TrainConfig(), optimizer=optimizer)
+    tcfg = dataclasses.replace(TrainConfig(), optimizer=optimizer_name)
     optimizer = make_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     sched = Schedule.from_config(cfg)
@@ -191,7 +191,7 @@ def write_random_checkpoint(path, cfg=ModelConfig()):
     torch.manual_seed(0)
     model, tcfg = UNet(cfg), TrainConfig()
     ema = EMA(model, tcfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    optimizer = make_optimizer(model, tcfg, torch.device("cpu"))
     scheduler = lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps)
     images = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
     batches = Batches(images, torch.arange(8) % 10, tcfg.batch_size, tcfg.seed)

@@ -358,20 +358,20 @@ def test_default_lora_meets_the_size_targets(tmp_path):
     """Issue 4's targets on the DEFAULT model (not the tests' tiny one), with the default targets and rank:
     LoRA trains <= 3% of the base parameters, and the finished adapter file (as lora_finetune.py writes it)
     is <= 5% of a train.py checkpoint of the base (model, EMA and optimizer state, as train.py saves it)."""
-    from config import FinetuneConfig, ModelConfig, atomic_save
+    from config import FinetuneConfig, ModelConfig, TrainConfig, atomic_save
     from dataset import Batches
-    from train import Progress, checkpoint_dict, lr_schedule, EMA
+    from train import Progress, checkpoint_dict, lr_schedule, make_optimizer, EMA
     from unet import UNet, count_parameters
     torch.manual_seed(0)
-    tcfg, model = FinetuneConfig(), UNet(ModelConfig())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    tcfg, base_cfg, model = FinetuneConfig(), TrainConfig(), UNet(ModelConfig())
+    optimizer = make_optimizer(model, base_cfg, torch.device("cpu"))          # train.py's (Muon's state is smaller)
     model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), torch.tensor([3, 4])).square().mean().backward()
-    optimizer.step()                                        # AdamW's moments exist, as in a real checkpoint
+    optimizer.step()                                        # the optimizer's state exists, as in a real checkpoint
     batches = Batches(torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.arange(8) % 10, 4, 0)
     base_file = tmp_path / "model.pt"
-    atomic_save(checkpoint_dict(model, EMA(model, tcfg.ema_decay), optimizer,
-                                lr_schedule(optimizer, tcfg.warmup_steps, tcfg.max_steps), batches, Progress(), tcfg),
-                base_file)
+    atomic_save(checkpoint_dict(model, EMA(model, base_cfg.ema_decay), optimizer,
+                                lr_schedule(optimizer, base_cfg.warmup_steps, base_cfg.max_steps), batches, Progress(),
+                                base_cfg), base_file)
     n_base = count_parameters(model)
     names = inject_lora(model, tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha)
     n_lora = sum(p.numel() for p in lora_state_dict(model).values())
