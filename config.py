@@ -271,19 +271,21 @@ def config_from_dict(cls, d):
 
 def check_output_path(path):
     """Refuse early, before any work, to write where writing would fail: into a folder that does not exist, over
-    a folder, under a name too long, or into a folder that cannot be written to (tried with a file made and
-    removed at once: the name itself where nothing is yet, a temporary one beside a file that is there)."""
+    a folder, under a name too long, or into a folder that cannot be written to. It is tried with a file made and
+    removed at once, under a random hidden name as long as the file's (so a name too long fails alike), never
+    the name itself: torchrun's processes all check the same --out at the same moment, and one's trial file
+    must not look to another like a file that is already there."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
     if os.path.isdir(os.path.abspath(path)):                # ("" is the current folder)
         raise UserError(f"cannot write {path or repr(path)}: it is a folder, give a file name")
+    if not os.path.basename(path):
+        raise UserError(f"cannot write {path}: a file name cannot end in {os.sep}")
+    size = max(len(os.path.basename(path)), 16)
+    probe = os.path.join(folder, (".tmp-" + os.urandom(size).hex())[:size])
     try:
-        if os.path.lexists(path):
-            fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        else:
-            fd, probe = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), path
-        os.close(fd)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}") from None

@@ -70,6 +70,27 @@ def test_atomic_save_into_missing_folder_is_a_user_error(tmp_path):
         atomic_save({}, str(tmp_path / "nope" / "ckpt.pt"))
 
 
+def test_output_check_never_makes_the_file_it_checks(tmp_path, monkeypatch):
+    """check_output_path tries writing under a hidden name of its own, never the checked name: under torchrun
+    every process checks the same --out at once, and one's trial file once made another refuse it as
+    "already there" (a CI failure). The trial name is as long as the file's, so a name too long still fails."""
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    for name in ["m.pt", "a" * 255]:
+        config.check_output_path(str(tmp_path / name))
+    assert len(opened) == 2 and str(tmp_path / "m.pt") not in opened
+    assert [len(os.path.basename(p)) for p in opened] == [16, 255]
+    assert os.listdir(tmp_path) == []                       # the trial files are gone
+    with pytest.raises(UserError, match="too long"):
+        config.check_output_path(str(tmp_path / ("a" * 256)))
+    with pytest.raises(UserError, match="cannot end in"):
+        config.check_output_path(str(tmp_path / "m.pt") + os.sep)
+    (tmp_path / "m.pt").write_bytes(b"the user's")          # a file already there is checked and kept
+    config.check_output_path(str(tmp_path / "m.pt"))
+    assert os.listdir(tmp_path) == ["m.pt"] and (tmp_path / "m.pt").read_bytes() == b"the user's"
+
+
 def test_load_file_refuses_bad_files(tmp_path):
     """Missing, text, truncated, wrong-kind and non-dict files are UserErrors with a useful message."""
     good = tmp_path / "good.pt"
