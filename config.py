@@ -272,7 +272,7 @@ def config_from_dict(cls, d):
 def check_output_path(path):
     """Refuse early, before any work, to write where writing would fail: into a folder that does not exist, over
     a folder, under a name too long, or into a folder that cannot be written to. It is tried with a file made and
-    removed at once, under a random hidden name as long as the file's (so a name too long fails alike), never
+    removed at once, under a random hidden name at least as long as the file's (a name too long fails alike), never
     the name itself: torchrun's processes all check the same --out at the same moment, and one's trial file
     must not look to another like a file that is already there."""
     folder = os.path.dirname(os.path.abspath(path))
