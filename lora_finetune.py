@@ -20,7 +20,7 @@ from diffusion import Schedule
 from lora import (check_base_fingerprint, check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   lora_plus_groups, mark_only_lora_trainable)
 from train import (EMA, Progress, adamw, checkpoint_dict, end_distributed, figure_names, finish_run, fit, lr_schedule,
-                   resolve_train_config, restore_training_state, run_parser, setup_distributed, training_state)
+                   rank_0_first, resolve_train_config, restore_training_state, run_parser, setup_distributed, training_state)
 from unet import count_parameters, load_model
 
 
@@ -35,7 +35,8 @@ def main():
     state = load_file(args.out, "model" if args.full else "lora") if args.resume else None
     if state:
         check_base_fingerprint(state, args.out, base_print, args.base)
-    images, labels = load_images(args.data, args.data_root, model.cfg.image_size, model.cfg.num_labels)
+    with rank_0_first(rank, world):                          # torchrun: one download, not N at once
+        images, labels = load_images(args.data, args.data_root, model.cfg.image_size, model.cfg.num_labels)
     saved = config_from_dict(FinetuneConfig, state["train_config"]) if state else None
     tcfg = resolve_train_config(args, finetune_defaults(args.full), len(images), saved, world)
     torch.manual_seed(tcfg.seed)                              # the same in every process: the same LoRA weights

@@ -9,6 +9,7 @@ network to predict the noise: loss = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(
 Ctrl-C saves a resumable checkpoint (a second Ctrl-C quits at once; the last good file stays intact).
 lora_finetune.py reuses train_step() and fit() from this file.
 """
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -343,6 +344,20 @@ def setup_distributed(device_name):
     return int(os.environ["RANK"]), world, device
 
 
+@contextlib.contextmanager
+def rank_0_first(rank, world):
+    """Under torchrun: the `with` block runs in rank 0 first, then in the other processes. For loading the data,
+    so that rank 0 alone downloads it (N processes downloading into one folder at once write over each other's
+    files) and the others read what it wrote. Where it fails in rank 0, the others then fail alike."""
+    if rank > 0:
+        dist.barrier()                  # wait for rank 0 ...
+    try:
+        yield
+    finally:
+        if rank == 0 and world > 1:
+            dist.barrier()              # ... to come here, done or failed
+
+
 def sum_over_processes(values):
     """values summed element by element over all processes (each process gets the sums)."""
     dist.all_reduce(values)
@@ -449,7 +464,8 @@ def main():
     ckpt = load_file(args.out, "model") if args.resume else None
     mcfg = config_from_dict(ModelConfig, ckpt["model_config"]) if ckpt else apply_config_flags(ModelConfig(), args)
     check_model_config(mcfg)                       # before the (slow) data loading
-    images, labels = load_images(args.data, args.data_root, mcfg.image_size, mcfg.num_labels)
+    with rank_0_first(rank, world):                          # torchrun: one download, not N at once
+        images, labels = load_images(args.data, args.data_root, mcfg.image_size, mcfg.num_labels)
     saved = None
     if ckpt:     # (checkpoints saved before the LoRA settings moved to FinetuneConfig also hold lora_* keys)
         saved = config_from_dict(TrainConfig, {k: v for k, v in ckpt["train_config"].items() if not k.startswith("lora_")})

@@ -33,13 +33,25 @@ FLAGS = [*TINY_FLAGS, "--widths", "16,32", "--T", "10", "--warmup-steps", "2", "
 # Runs train.py under torchrun; after fit() returns, each rank saves its own copy of the weights to
 # DUMP.rank<N>. With INTERRUPT_AFTER > 0, rank 1 alone gets a real SIGINT (Ctrl-C) after that step.
 # The processes read their losses back, and agree on stopping, every READ_LOSS_EVERY steps: 3 here.
+# Loading the data takes rank 0 a second longer (a download), and rank 1 writes to DUMP.rank1-load whether
+# rank 0 had finished loading when rank 1 began.
 WRAPPER = """
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, {root!r})
 import torch
 import train
 dump, interrupt_after, rank = sys.argv[1], int(sys.argv[2]), int(os.environ["RANK"])
-original_fit, original_step, calls = train.fit, train.train_step, [0]
+original_fit, original_step, original_load, calls = train.fit, train.train_step, train.load_images, [0]
+def load_images(*args, **kwargs):
+    if rank == 1:
+        with open(f"{{dump}}.rank1-load", "w") as f:
+            f.write("after rank 0" if os.path.exists(f"{{dump}}.rank0-loaded") else "with rank 0")
+    loaded = original_load(*args, **kwargs)
+    if rank == 0:
+        time.sleep(1)
+        open(f"{{dump}}.rank0-loaded", "w").close()
+    return loaded
+train.load_images = load_images
 def fit(model, *args, **kwargs):
     reason = original_fit(model, *args, **kwargs)
     torch.save(model.state_dict(), f"{{dump}}.rank{{rank}}")
@@ -98,6 +110,28 @@ def test_both_ranks_end_with_identical_weights(two_processes):
 
 
 @needs_gloo
+def test_only_rank_0_loads_the_data_until_it_has_it(two_processes):
+    """The other processes load the data once rank 0 has: with --data mnist on a new machine, rank 0 alone
+    downloads it, where N processes downloading into one folder at once would write over each other."""
+    assert (two_processes["work"] / "weights.rank1-load").read_text() == "after rank 0"
+
+
+@needs_gloo
+def test_data_rank_0_cannot_load_is_the_same_error_line_in_every_process(tmp_path):
+    """Where rank 0 cannot load the data (here: files in --data-root that are not MNIST's), the process waiting
+    for it then fails alike: each process that gets as far prints the same one `error:` line, and none a traceback."""
+    raw = tmp_path / "root" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"not an IDX file")
+    result = torchrun(tmp_path, tmp_path / "weights", "--data", "mnist", "--data-root", tmp_path / "root",
+                      "--out", tmp_path / "m.pt", "--out-dir", tmp_path / "out", *FLAGS)
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
+    assert result.returncode != 0 and len(errors) == 1 and "not an IDX images file" in errors.pop(), result.stderr
+    assert "train.py\", line" not in result.stderr and "terminate called" not in result.stderr, result.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_two_processes_train_like_one_with_the_global_batch(two_processes, image_folder, tmp_path):
     """2 processes x batch 4 == 1 process x batch 8, same seed: the same images, t, label drops and noise,
     so the only difference is the order of float additions (each rank sums its 4 images' gradients and
