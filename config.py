@@ -304,10 +304,13 @@ def missing_folders(path):
 
 
 def remove_if_empty(folders):
-    """Remove each of `folders` that is still an empty folder (what a run that stopped early made), subfolders first."""
+    """Remove each of `folders` that is still an empty folder (what a run that stopped early made), subfolders first.
+    (Under torchrun every process made them and takes them back: one may find a folder gone a moment ago.)"""
     for folder in sorted(folders, key=len, reverse=True):     # a folder's path is longer than its parent's
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
+        try:
+            os.rmdir(folder)                                    # (only an empty folder can be removed)
+        except OSError:                                         # not empty, not a folder, or already gone
+            pass
 
 
 def make_folder(path, files=(), outputs=(), inputs=(), flag="--out-dir"):

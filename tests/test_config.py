@@ -211,6 +211,22 @@ def test_remove_if_empty_takes_back_only_empty_folders_subfolders_first(tmp_path
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "note.txt"]
 
 
+def test_remove_if_empty_skips_a_folder_another_process_took_back_a_moment_ago(tmp_path, monkeypatch):
+    """Under torchrun each process takes back the folders it made, the same ones: where another removes a folder
+    between this one's look and its removal, nothing is raised, and the rest are still taken back."""
+    made = config.missing_folders(tmp_path / "a" / "b")
+    os.makedirs(tmp_path / "a" / "b")
+    real_rmdir = os.rmdir
+
+    def other_process_first(path, *args, **kwargs):
+        if path == str(tmp_path / "a" / "b"):
+            real_rmdir(path)                                # the other process, a moment earlier
+        real_rmdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "rmdir", other_process_first)
+    config.remove_if_empty(made)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_main_takes_back_only_the_folders_of_its_own_run(tmp_path):
     """run_main removes, on a UserError, the empty folders make_folder made in that run; one made earlier in the
     same process (a run that finished) stays."""
