@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from config import UserError
-from conftest import ROOT, TINY_FLAGS, _env, check_ok, run_script
+from conftest import LORA_RANK, ROOT, TINY_FLAGS, _env, check_ok, run_script
 from dataset import Batches
 from train import restore_training_state
 
@@ -168,6 +168,24 @@ def test_ctrl_c_in_one_rank_stops_both_and_resume_is_exact(two_processes, image_
     assert resumed["step"] == STEPS and resumed["losses"] == straight["losses"]
     for k in straight["model"]:
         assert torch.equal(resumed["model"][k], straight["model"][k]), k
+
+
+@needs_gloo
+def test_lora_finetune_under_torchrun_writes_the_adapter_of_one_process(two_processes, image_folder, tmp_path):
+    """lora_finetune.py under torchrun, 2 processes of batch 4, writes the adapter that one process of batch 8
+    writes, to float round-off (on the 2-process base, whose widths 16,32 leave no zero-gradient layer: FLAGS)."""
+    args = ["--base", two_processes["ckpt"], "--data", image_folder, "--max-steps", 3, "--warmup-steps", 1,
+            "--lora-rank", LORA_RANK, "--device", "cpu", "--precision", "fp32"]
+    check_ok(run_script("lora_finetune.py", *args, "--batch-size", 8, "--out", tmp_path / "one.pt",
+                        "--out-dir", tmp_path / "out1"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "lora_finetune.py",
+           *map(str, [*args, "--batch-size", 4, "--out", tmp_path / "two.pt", "--out-dir", tmp_path / "out2"])]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = load(tmp_path / "one.pt")["lora"], load(tmp_path / "two.pt")["lora"]
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_refuses_another_number_of_processes():
