@@ -68,13 +68,18 @@ train.run_main(train.main)
 """
 
 
+def two_process_run(script, *args, timeout=180):
+    """python -m torch.distributed.run --standalone --nproc_per_node=2 SCRIPT ARGS..., in the repo root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def torchrun(tmp_path, dump, *args, interrupt_after=0, timeout=180):
-    """python -m torch.distributed.run --standalone --nproc_per_node=2 WRAPPER ..., in the repo root."""
+    """train.py through WRAPPER, in 2 processes (two_process_run)."""
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(root=str(ROOT)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(wrapper), str(dump), str(interrupt_after), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return two_process_run(wrapper, dump, interrupt_after, *args, timeout=timeout)
 
 
 def load(path):
@@ -178,9 +183,8 @@ def test_lora_finetune_under_torchrun_writes_the_adapter_of_one_process(two_proc
             "--lora-rank", LORA_RANK, "--device", "cpu", "--precision", "fp32"]
     check_ok(run_script("lora_finetune.py", *args, "--batch-size", 8, "--out", tmp_path / "one.pt",
                         "--out-dir", tmp_path / "out1"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "lora_finetune.py",
-           *map(str, [*args, "--batch-size", 4, "--out", tmp_path / "two.pt", "--out-dir", tmp_path / "out2"])]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    result = two_process_run("lora_finetune.py", *args, "--batch-size", 4, "--out", tmp_path / "two.pt",
+                             "--out-dir", tmp_path / "out2")
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = load(tmp_path / "one.pt")["lora"], load(tmp_path / "two.pt")["lora"]
     assert one.keys() == two.keys()
