@@ -391,8 +391,10 @@ def load_file(path, kind):
     (the blog's listing pickles whole modules, which PyTorch >= 2.6 refuses to load by default)."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a {kind} file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"{kind} file {path} not found")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a regular file (a device, pipe or socket), not a {kind} file")
     if os.path.getsize(path) == 0:
         raise UserError(f"{path} is empty (0 bytes), not a {kind} file")
     try:

@@ -110,8 +110,10 @@ def load_samples(path):
     """Load and validate a samples file. Returns (images uint8 (N,1,28,28), labels int64 (N,)).
     Raises UsageError with a one-line message on any problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"samples file not found: {path}")
+    if not path.is_file():
+        raise UsageError(f"{path} is not a samples file: a folder, device or pipe, not a regular file")
     try:
         with warnings.catch_warnings():     # (torch warns about some foreign pickles before refusing them)
             warnings.simplefilter("ignore")

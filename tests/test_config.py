@@ -92,7 +92,7 @@ def test_output_check_never_makes_the_file_it_checks(tmp_path, monkeypatch):
 
 
 def test_load_file_refuses_bad_files(tmp_path):
-    """Missing, text, truncated, wrong-kind and non-dict files are UserErrors with a useful message."""
+    """Missing, text, truncated, wrong-kind and non-dict files, and a pipe, are UserErrors with a useful message."""
     good = tmp_path / "good.pt"
     torch.save({"kind": "model", **{key: {} for key in config.FILE_KEYS["model"]}, "w": torch.randn(100, 100)}, good)
     assert load_file(str(good), "model")["kind"] == "model"
@@ -109,9 +109,11 @@ def test_load_file_refuses_bad_files(tmp_path):
     torch.save({"kind": "lora"}, lora)
     a_list = tmp_path / "list.pt"
     torch.save([1, 2], a_list)
+    pipe = tmp_path / "pipe.pt"
+    os.mkfifo(pipe)
     cases = {tmp_path / "missing.pt": "not found", text: "not a readable", truncated: "not a readable",
              lora: "found: lora", a_list: "found: list", cut: "without model_config, ema, train_config",
-             folder: "is a folder"}
+             folder: "is a folder", pipe: "not a regular file"}
     for path, fragment in cases.items():
         with pytest.raises(UserError) as e:
             load_file(str(path), "model")

@@ -1,6 +1,7 @@
 """Fast tests for bench/evaluate.py: the Frechet distance and the samples-file checks.
 No classifier is trained and nothing is downloaded."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,16 @@ def test_bad_sample_files_raise_usage_error(tmp_path):
     for name, p in _bad_files(tmp_path).items():
         with pytest.raises(ev.UsageError):
             ev.load_samples(p)
+
+
+def test_samples_path_that_is_no_regular_file_is_named_as_such(tmp_path):
+    """A folder or a pipe is there but is not a file: the message says so rather than 'not found'."""
+    os.mkfifo(tmp_path / "pipe.pt")
+    (tmp_path / "folder.pt").mkdir()
+    for name, fragment in [("pipe.pt", "not a regular file"), ("folder.pt", "not a regular file"),
+                           ("missing.pt", "not found")]:
+        with pytest.raises(ev.UsageError, match=fragment):
+            ev.load_samples(tmp_path / name)
 
 
 def test_main_bad_sample_files_return_2(tmp_path, capsys):
