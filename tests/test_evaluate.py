@@ -134,6 +134,7 @@ def test_bad_sample_files_raise_usage_error(tmp_path):
             ev.load_samples(p)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
 def test_samples_path_that_is_no_regular_file_is_named_as_such(tmp_path):
     """A folder or a pipe is there but is not a file: the message says so rather than 'not found'."""
     os.mkfifo(tmp_path / "pipe.pt")
