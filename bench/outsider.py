@@ -101,7 +101,8 @@ def outsider_classifier(x, y, seed, cache_dir):
         model = Classifier()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
-        model = train_classifier(x, y, "mnist", seed, verbose=False)
+        print(f"  training the outsider classifier on {len(x):,d} digits (once; cached in {path})", file=sys.stderr)
+        model = train_classifier(x, y, "mnist", seed, verbose=True)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
@@ -116,7 +117,7 @@ def score(images, labels, other, seed, data_root=None, mnist_folder=None, cache_
     reader = outsider_classifier(ox, oy, seed, cache_dir)
     hit = (run_classifier(reader, images)[0].argmax(1) == labels).float()
     per_label = {int(c): hit[labels == c].mean().item() for c in labels.unique()}
-    features, info = load_classifier("mnist", data_root, mnist_folder, cache_dir, seed, verbose=False, labels=labels)
+    features, info = load_classifier("mnist", data_root, mnist_folder, cache_dir, seed, verbose=True, labels=labels)
     ceiling = (run_classifier(reader, info["held_x"])[0].argmax(1) == info["held_y"]).float().mean().item()
     f_samples, f_other = run_classifier(features, images)[1], run_classifier(features, ox)[1]
     f_t10k = info["heldout_features"]
