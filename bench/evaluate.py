@@ -414,7 +414,10 @@ def load_classifier(domain="mnist", data_root=None, mnist_folder=None, cache_dir
     real = load_real(domain, data_root, mnist_folder, cache_dir, seed)
     if labels is not None:
         check_labels_covered(labels, real["train_y"])
-    path = cache_dir / f"classifier_{domain}_seed{seed}.pt"
+    # One file per data source, so that reading with the t10k folder and with --data-root's training split keeps
+    # both classifiers, where one name for both would retrain each over the other at every switch.
+    source_key = hashlib.sha256(real["source"].encode()).hexdigest()[:8]
+    path = cache_dir / f"classifier_{domain}_seed{seed}_{source_key}.pt"
     model = Classifier()
     info = None
     if path.is_file() and not retrain:

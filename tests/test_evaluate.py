@@ -232,3 +232,22 @@ def test_export_train_split_to_an_unwritable_name_is_one_line_and_leaves_nothing
     out_text, err = capsys.readouterr()
     assert out_text == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: cannot write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "digits"]
+
+
+def test_classifiers_of_two_data_sources_are_cached_side_by_side(tmp_path, monkeypatch):
+    """Reading with one folder, then another, then the first again trains two classifiers, not three: each
+    source keeps its own cache file instead of one file that the other source retrains over."""
+    trained = []
+
+    def train_stub(x, y, domain, seed=0, verbose=True):              # untrained weights: only the count matters
+        trained.append(len(x))
+        torch.manual_seed(seed)
+        return ev.Classifier().eval()
+
+    monkeypatch.setattr(ev, "train_classifier", train_stub)
+    first = write_image_folder(tmp_path / "first", per_label=5, seed=0)
+    second = write_image_folder(tmp_path / "second", per_label=10, seed=1)
+    for folder in (first, second, first, second):
+        ev.load_classifier("mnist", mnist_folder=folder, cache_dir=tmp_path / "cache", verbose=False)
+    assert trained == [40, 80]
+    assert len(list((tmp_path / "cache").glob("classifier_mnist_seed0_*.pt"))) == 2
