@@ -68,6 +68,9 @@ class TrainConfig:
     # loss weight min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023); 0 = the blog's plain MSE. The paper's gamma 5
     # drew worse than 1 on our model, which also needs less guidance then (README, "Quality per CPU-minute").
     min_snr_gamma: float = 1.0
+    # share of each batch's noise levels drawn where that weight is (train.draw_noise_levels); 0 = the blog's
+    # uniform draw
+    t_importance: float = 0.0
     ema_decay: float = 0.999       # EMA of the weights, warmed up as min(decay, (1+n)/(10+n))
     seed: int = 0
     precision: str = "auto"        # auto: bf16 autocast where the hardware has it natively, else fp32
@@ -114,7 +117,7 @@ LIMITS = {"image_size": "[1, 512]", "in_channels": "[1, 1]", "num_labels": "[1, 
           "beta_start": "(0, 1)", "beta_end": "(0, 1)", "prediction": ("eps", "v"), "patch": "[1, 8]",
           "widths": "[1, 2048]", "time_dim": "[2, 4096]", "context_tokens": "[1, 256]", "context_dim": "[1, 4096]",
           "heads": "[1, 256]", "ff_mult": "[1, 16]", "attention_from": "[0, 8]", "batch_size": "[1, 4096]", "lr": "(0, 10]",
-          "warmup_steps": "[0, 1e9]", "max_steps": "[1, 1e9]", "p_uncond": "[0, 1)", "min_snr_gamma": "[0, 1e6]",
+          "warmup_steps": "[0, 1e9]", "max_steps": "[1, 1e9]", "p_uncond": "[0, 1)", "min_snr_gamma": "[0, 1e6]", "t_importance": "[0, 1]",
           "ema_decay": "[0, 1)", "optimizer": ("muon", "adamw"), "seed": "[0, 1e18]",
           "precision": ("auto", "fp32", "bf16", "fp16"),
           "lora_rank": "[1, 1024]", "lora_alpha": "(0, 1e6]", "lora_b_lr_ratio": "(0, 1e4]", "steps": "[1, 1e5]",
@@ -241,7 +244,8 @@ def pick_device(name="auto"):
 
 
 # files saved without these fields were trained the blog's way, or (optimizer) before Muon
-BEFORE_QUALITY = {"prediction": "eps", "min_snr_gamma": 0.0, "attention_from": 0, "optimizer": "adamw"}
+BEFORE_QUALITY = {"prediction": "eps", "min_snr_gamma": 0.0, "attention_from": 0, "optimizer": "adamw",
+                  "t_importance": 0.0}
 
 
 def config_from_dict(cls, d):

@@ -34,21 +34,23 @@ from unet import UNet, check_model_config, count_parameters, load_weights
 
 
 def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler=None, shard=(0, 1),
-               min_snr_gamma=TrainConfig.min_snr_gamma):
+               min_snr_gamma=TrainConfig.min_snr_gamma, t_importance=TrainConfig.t_importance):
     """One optimizer step of DDPM's simplified loss (Ho et al. 2020, Algorithm 1, eq. 14); returns the loss
     as a 0-d tensor (fit reads them back ten at a time, READ_LOSS_EVERY). x0 (B,C,H,W) in [-1, 1], labels (B,).
     Beyond the blog: the target may be v instead of eps (v_target), and min_snr_gamma > 0 weights each image's
-    error by its noise level (loss_weight). With dtype (bf16 or fp16) the forward pass runs under
+    error by its noise level (loss_weight), and t_importance > 0 draws the noise levels where that weight is
+    (draw_noise_levels). With dtype (bf16 or fp16) the forward pass runs under
     torch.autocast; fp16 also needs a GradScaler against underflow.
     shard=(rank, world): under torchrun, x0 is this process's slice of the global batch (see fit)."""
     (rank, world), B, device = shard, x0.shape[0], x0.device
     # The random numbers are drawn for the GLOBAL batch (every process's generator is in the same state)
     # and each process keeps its slice: N processes then train exactly like one with N times the batch.
     mine = slice(rank * B, (rank + 1) * B)
-    t = torch.randint(0, sched.T, (world * B,), device=device)[mine]     # t ~ Uniform{0..T-1}
+    cfg = getattr(model, "module", model).cfg                             # (under torchrun model is DDP(UNet))
+    t, weight = draw_noise_levels(sched, world * B, cfg.prediction, min_snr_gamma, t_importance, device)
+    t, weight = t[mine], weight[mine]                                     # t ~ Uniform{0..T-1} in the blog
     # classifier-free guidance: sometimes train with the "no label" token instead of the label
     drop = (torch.rand(world * B, device=device) < p_uncond)[mine]
-    cfg = getattr(model, "module", model).cfg                             # (under torchrun model is DDP(UNet))
     labels = torch.where(drop, torch.full_like(labels, cfg.num_labels), labels)     # num_labels: "no label"
     eps = torch.randn(world * B, *x0.shape[1:], device=device)[mine]
     x_t, eps = forward_diffusion(sched, x0, t, eps)                      # x_t = sqrt(abar) x0 + sqrt(1-abar) eps
@@ -56,7 +58,7 @@ def train_step(model, optimizer, sched, x0, labels, p_uncond, dtype=None, scaler
         pred = model(x_t, t, labels)
     target = eps if cfg.prediction == "eps" else v_target(sched, x0, eps, t)
     per_image = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))      # || target - net(x_t, t, y) ||^2, (B,)
-    loss = (loss_weight(sched, t, cfg.prediction, min_snr_gamma) * per_image).mean()
+    loss = (weight * per_image).mean()
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -88,7 +90,7 @@ def fit(model, optimizer, scheduler, sched, batches, tcfg, progress, save, ema=N
         while progress.step < tcfg.max_steps:
             x0, labels = batches.next()
             pending.append(train_step(net, optimizer, sched, x0.to(device), labels.to(device), tcfg.p_uncond, dtype,
-                                      scaler, shard, tcfg.min_snr_gamma))
+                                      scaler, shard, tcfg.min_snr_gamma, tcfg.t_importance))
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -147,6 +149,23 @@ def loss_weight(sched, t, prediction, gamma):
     abar = sched.alpha_bars.to(t.device)[t]
     snr = abar / (1 - abar)
     return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
+
+
+def draw_noise_levels(sched, n, prediction, gamma, share, device):
+    """n noise levels t, and the loss weight of each. The blog draws t ~ Uniform{0..T-1} (share 0), and min-SNR
+    then weighs each image by loss_weight(t); with gamma 1 on the linear schedule that weight is under a tenth of
+    its peak for t < 67 and t > 541, so over half of each batch carries a twentieth of the loss. share > 0 draws
+    that share of the levels in proportion to the weight (importance sampling, as Nichol & Dhariwal 2021, section
+    3.3, do for their L_vlb): t ~ p(t) = (1 - share) / T + share * w(t) / sum(w), each image weighed by
+    w(t) / (T p(t)), which leaves the expected loss, E_p[w / (T p) l] = E_uniform[w l], as it was, with less
+    variance."""
+    if share == 0:
+        t = torch.randint(0, sched.T, (n,), device=device)                 # t ~ Uniform{0..T-1}
+        return t, loss_weight(sched, t, prediction, gamma)
+    w = loss_weight(sched, torch.arange(sched.T, device=device), prediction, gamma)
+    p = (1 - share) / sched.T + share * w / w.sum()
+    t = torch.multinomial(p, n, replacement=True)
+    return t, w[t] / (sched.T * p[t])
 
 
 class EMA(AveragedModel):

@@ -155,6 +155,7 @@ def test_a_file_from_before_v_prediction_and_min_snr_loads_as_trained():
     with pytest.raises(UserError, match="lacks the model settings T"):     # any other setting missing: refused
         config_from_dict(ModelConfig, {k: v for k, v in then.items() if k != "T"})
     assert config_from_dict(TrainConfig, {"lr": 1e-3}).min_snr_gamma == 0.0
+    assert config_from_dict(TrainConfig, {"lr": 1e-3}).t_importance == 0.0   # drawn uniformly, as the blog does
     assert TrainConfig().optimizer == "muon" and config_from_dict(TrainConfig, {"lr": 1e-3}).optimizer == "adamw"
     assert config_from_dict(TrainConfig, {"min_snr_gamma": 5.0}).min_snr_gamma == 5.0
 

@@ -1,4 +1,5 @@
-"""What the quality changes compute: v-prediction, min-SNR weighting, the guidance interval, the foreach EMA."""
+"""What the quality changes compute: v-prediction, min-SNR weighting and its importance-sampled noise levels,
+the guidance interval, the foreach EMA."""
 import pytest
 import torch
 from torch import nn
@@ -6,7 +7,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from conftest import tiny_config
 from diffusion import Schedule, backward_denoise, forward_diffusion, predict_noise
-from train import EMA, loss_weight, v_target
+from train import EMA, draw_noise_levels, loss_weight, v_target
 from unet import UNet
 
 SCHED = Schedule.from_config(tiny_config())
@@ -44,6 +45,31 @@ def test_min_snr_weight_is_the_clean_image_error_times_min_snr_gamma(prediction)
     rhs = snr.clamp(max=gamma) * ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
     assert torch.allclose(lhs, rhs, rtol=1e-3)
     assert torch.equal(loss_weight(SCHED, t, prediction, 0.0), torch.ones(len(t)))   # the blog's plain MSE
+
+
+
+def test_share_0_draws_the_blogs_uniform_noise_levels_with_the_same_random_numbers():
+    """--t-importance 0 is the draw train_step always made: the same t from the same seed, weighed by loss_weight."""
+    torch.manual_seed(3)
+    expected = torch.randint(0, SCHED.T, (64,))
+    torch.manual_seed(3)
+    t, weight = draw_noise_levels(SCHED, 64, "v", 1.0, 0.0, torch.device("cpu"))
+    assert torch.equal(t, expected) and torch.equal(weight, loss_weight(SCHED, t, "v", 1.0))
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_importance_sampled_noise_levels_keep_the_expected_loss_and_go_where_the_weight_is(share):
+    """E[weight * l(t)] over the importance draw equals the uniform draw's mean of loss_weight(t) * l(t), for any
+    per-level loss l; and the draw puts its levels where the weight is, not evenly."""
+    sched = Schedule(1000, 1e-4, 0.02)
+    torch.manual_seed(0)
+    per_level_loss = torch.rand(sched.T) + torch.linspace(0, 2, sched.T)     # any l(t)
+    w = loss_weight(sched, torch.arange(sched.T), "v", 1.0)
+    t, weight = draw_noise_levels(sched, 400_000, "v", 1.0, share, torch.device("cpu"))
+    expected = (w * per_level_loss).mean()
+    assert abs((weight * per_level_loss[t]).mean() - expected) < 0.01 * expected
+    light = w < w.max() / 10                                                  # levels that carry little loss
+    assert light[t].float().mean() < (1 - share) * light.float().mean() + 0.05
 
 
 class CountingModel(nn.Module):
