@@ -42,6 +42,8 @@ GAMMA_5 = [*ADAMW, "--min-snr-gamma", "5"]
 TRAININGS = {
     "default": [],
     "default-seed1": ["--seed", "1"],
+    "t-importance": ["--t-importance", "0.8"],                # a candidate, not yet the default
+    "t-importance-seed1": ["--t-importance", "0.8", "--seed", "1"],
     "adamw": ADAMW,
     "adamw-seed1": [*ADAMW, "--seed", "1"],
     "min-snr-5": GAMMA_5,
@@ -61,6 +63,9 @@ PREVIOUS = Variant(guidance=1.25)                           # the gamma-5 defaul
 ROWS = [
     ("new defaults", "training seed 0", "default", Variant()),
     ("", "training seed 1", "default-seed1", Variant()),
+    ("noise levels drawn uniformly", "on: 0.8 of them where the loss weight is (--t-importance 0.8)", "t-importance",
+     Variant()),
+    ("", "on, training seed 1", "t-importance-seed1", Variant()),
     ("Muon, 2,400 steps, w 0.8", "off: AdamW, 3,000 steps, w 1 (the previous default)", "adamw", W1),
     ("", "off, training seed 1", "adamw-seed1", W1),
     ("", "Muon, 2,400 steps, w 1", "default", W1),
