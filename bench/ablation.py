@@ -63,8 +63,8 @@ PREVIOUS = Variant(guidance=1.25)                           # the gamma-5 defaul
 ROWS = [
     ("new defaults", "training seed 0", "default", Variant()),
     ("", "training seed 1", "default-seed1", Variant()),
-    ("noise levels drawn uniformly", "on: 0.8 of them where the loss weight is (--t-importance 0.8)", "t-importance",
-     Variant()),
+    ("noise levels where the loss weight is", "on: --t-importance 0.8 (a candidate; the default draws uniformly)",
+     "t-importance", Variant()),
     ("", "on, training seed 1", "t-importance-seed1", Variant()),
     ("Muon, 2,400 steps, w 0.8", "off: AdamW, 3,000 steps, w 1 (the previous default)", "adamw", W1),
     ("", "off, training seed 1", "adamw-seed1", W1),
