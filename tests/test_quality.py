@@ -47,7 +47,6 @@ def test_min_snr_weight_is_the_clean_image_error_times_min_snr_gamma(prediction)
     assert torch.equal(loss_weight(SCHED, t, prediction, 0.0), torch.ones(len(t)))   # the blog's plain MSE
 
 
-
 def test_share_0_draws_the_blogs_uniform_noise_levels_with_the_same_random_numbers():
     """--t-importance 0 is the draw train_step always made: the same t from the same seed, weighed by loss_weight."""
     torch.manual_seed(3)
