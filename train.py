@@ -159,7 +159,7 @@ def draw_noise_levels(sched, n, prediction, gamma, share, device):
     3.3, do for their L_vlb): t ~ p(t) = (1 - share) / T + share * w(t) / sum(w), each image weighed by
     w(t) / (T p(t)), which leaves the expected loss, E_p[w / (T p) l] = E_uniform[w l], as it was, with less
     variance."""
-    if share == 0:
+    if share == 0 or gamma == 0:                                          # (gamma 0: every level weighs 1)
         t = torch.randint(0, sched.T, (n,), device=device)                 # t ~ Uniform{0..T-1}
         return t, loss_weight(sched, t, prediction, gamma)
     w = loss_weight(sched, torch.arange(sched.T, device=device), prediction, gamma)

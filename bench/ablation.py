@@ -1,7 +1,7 @@
 """Which training and sampling changes pay on OUR model? Trains each variant with train.py, samples the
 same 1,000 digits (same seed) from each, and scores them with bench/evaluate.py.
 
-    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 11 models)
+    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 15 models)
     python bench/ablation.py --data ../shared/data/mnist-t10k --jobs 2     # two trainings at a time, 1 thread each
     python bench/ablation.py --data ../shared/data/mnist-t10k --only default,adamw   # just these runs' rows
 
@@ -9,11 +9,12 @@ A run whose folder (bench/.ablation/NAME) already holds a finished model.pt and 
 an interrupted ablation continues where it stopped. train.json records the command and its wall-clock
 time (with --jobs 2 each training shares the 2 cores with another: its time is not a quiet run's).
 
-Rows: the new defaults (two training seeds), the previous default (AdamW for 3,000 steps, guidance 1; two
-seeds), the default before it (min-SNR gamma 5, guidance 1.25; two seeds) with each of its training changes
-switched off alone, each sampling change switched off alone on the default model, and the old defaults
-(eps-prediction and the plain MSE of the blog, the Transformer block in every conv block, 3,400 steps of
-batch 128 with AdamW, DDIM-25 with guidance 1.5 at every step).
+Rows: the new defaults (two training seeds), the previous default (noise levels drawn uniformly; two seeds)
+and a larger share of them drawn where the loss weight is (two seeds), the default before it (AdamW for 3,000
+steps, guidance 1; two seeds), the default before that (min-SNR gamma 5, guidance 1.25; two seeds) with each
+of its training changes switched off alone, each sampling change switched off alone on the default model, and
+the old defaults (eps-prediction and the plain MSE of the blog, the Transformer block in every conv block,
+3,400 steps of batch 128 with AdamW, DDIM-25 with guidance 1.5 at every step).
 """
 import argparse
 import json
@@ -35,15 +36,18 @@ from config import Parser, UserError, number, run_main  # noqa: E402
 from unet import load_model  # noqa: E402
 
 # training variants: run name -> train.py flags on top of the defaults. The rows that switch one older change
-# off were trained on an earlier default (AdamW for 3,000 steps; min-SNR gamma 5, sampled at w 1.25) and are
-# compared with it.
-ADAMW = ["--optimizer", "adamw", "--max-steps", "3000"]
+# off were trained on an earlier default (t drawn uniformly; AdamW for 3,000 steps; min-SNR gamma 5, sampled at
+# w 1.25) and are compared with it.
+UNIFORM = ["--t-importance", "0"]
+ADAMW = [*UNIFORM, "--optimizer", "adamw", "--max-steps", "3000"]
 GAMMA_5 = [*ADAMW, "--min-snr-gamma", "5"]
 TRAININGS = {
     "default": [],
     "default-seed1": ["--seed", "1"],
-    "t-importance": ["--t-importance", "0.8"],                # a candidate, not yet the default
-    "t-importance-seed1": ["--t-importance", "0.8", "--seed", "1"],
+    "uniform": UNIFORM,
+    "uniform-seed1": [*UNIFORM, "--seed", "1"],
+    "t-importance-0.8": ["--t-importance", "0.8"],
+    "t-importance-0.8-seed1": ["--t-importance", "0.8", "--seed", "1"],
     "adamw": ADAMW,
     "adamw-seed1": [*ADAMW, "--seed", "1"],
     "min-snr-5": GAMMA_5,
@@ -63,13 +67,15 @@ PREVIOUS = Variant(guidance=1.25)                           # the gamma-5 defaul
 ROWS = [
     ("new defaults", "training seed 0", "default", Variant()),
     ("", "training seed 1", "default-seed1", Variant()),
-    ("noise levels where the loss weight is", "on: --t-importance 0.8 (a candidate; the default draws uniformly)",
-     "t-importance", Variant()),
-    ("", "on, training seed 1", "t-importance-seed1", Variant()),
-    ("Muon, 2,400 steps, w 0.8", "off: AdamW, 3,000 steps, w 1 (the previous default)", "adamw", W1),
+    ("half the noise levels where the loss weight is", "off: all uniform (the previous default)", "uniform",
+     Variant()),
+    ("", "off, training seed 1", "uniform-seed1", Variant()),
+    ("", "0.8 of them", "t-importance-0.8", Variant()),
+    ("", "0.8 of them, training seed 1", "t-importance-0.8-seed1", Variant()),
+    ("Muon, 2,400 steps, w 0.8 (t uniform)", "off: AdamW, 3,000 steps, w 1 (the default before)", "adamw", W1),
     ("", "off, training seed 1", "adamw-seed1", W1),
-    ("", "Muon, 2,400 steps, w 1", "default", W1),
-    ("min-SNR gamma 1, w 1 (AdamW)", "off: gamma 5, w 1.25 (the default before)", "min-snr-5", PREVIOUS),
+    ("", "Muon, 2,400 steps, w 1", "uniform", W1),
+    ("min-SNR gamma 1, w 1 (AdamW)", "off: gamma 5, w 1.25 (the default before that)", "min-snr-5", PREVIOUS),
     ("", "off, training seed 1", "min-snr-5-seed1", PREVIOUS),
     ("", "gamma 5, w 1", "min-snr-5", W1),
     ("", "gamma 1, w 1.25", "adamw", PREVIOUS),

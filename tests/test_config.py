@@ -145,9 +145,10 @@ def test_config_from_dict_restores_tuples_and_refuses_unknown_keys():
 
 
 def test_a_file_from_before_v_prediction_and_min_snr_loads_as_trained():
-    """A checkpoint saved before `prediction`, `min_snr_gamma`, `attention_from` and `optimizer` existed was
-    trained the blog's way (with AdamW): loading it must not silently switch it to today's defaults (v, min-SNR,
-    no attention at 14x14, Muon; a resumed run would load AdamW's state into Muon)."""
+    """A checkpoint saved before `prediction`, `min_snr_gamma`, `attention_from`, `optimizer` and `t_importance`
+    existed was trained the blog's way (with AdamW, t drawn uniformly): loading it must not silently switch it to
+    today's defaults (v, min-SNR, no attention at 14x14, Muon, the importance draw; a resumed run would load
+    AdamW's state into Muon)."""
     assert ModelConfig().prediction == "v" and TrainConfig().min_snr_gamma > 0 and ModelConfig().attention_from == 1
     then = {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k not in config.BEFORE_QUALITY}
     old = config_from_dict(ModelConfig, {**then, "T": 50})
@@ -155,7 +156,7 @@ def test_a_file_from_before_v_prediction_and_min_snr_loads_as_trained():
     with pytest.raises(UserError, match="lacks the model settings T"):     # any other setting missing: refused
         config_from_dict(ModelConfig, {k: v for k, v in then.items() if k != "T"})
     assert config_from_dict(TrainConfig, {"lr": 1e-3}).min_snr_gamma == 0.0
-    assert config_from_dict(TrainConfig, {"lr": 1e-3}).t_importance == 0.0   # drawn uniformly, as the blog does
+    assert TrainConfig().t_importance > 0 and config_from_dict(TrainConfig, {"lr": 1e-3}).t_importance == 0.0
     assert TrainConfig().optimizer == "muon" and config_from_dict(TrainConfig, {"lr": 1e-3}).optimizer == "adamw"
     assert config_from_dict(TrainConfig, {"min_snr_gamma": 5.0}).min_snr_gamma == 5.0
 

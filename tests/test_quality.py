@@ -47,13 +47,15 @@ def test_min_snr_weight_is_the_clean_image_error_times_min_snr_gamma(prediction)
     assert torch.equal(loss_weight(SCHED, t, prediction, 0.0), torch.ones(len(t)))   # the blog's plain MSE
 
 
-def test_share_0_draws_the_blogs_uniform_noise_levels_with_the_same_random_numbers():
-    """--t-importance 0 is the draw train_step always made: the same t from the same seed, weighed by loss_weight."""
+@pytest.mark.parametrize("gamma, share", [(1.0, 0.0), (0.0, 0.5)])
+def test_share_0_draws_the_blogs_uniform_noise_levels_with_the_same_random_numbers(gamma, share):
+    """--t-importance 0 is the draw train_step always made: the same t from the same seed, weighed by loss_weight.
+    So is any share under the blog's plain MSE (--min-snr-gamma 0), where every level weighs the same."""
     torch.manual_seed(3)
     expected = torch.randint(0, SCHED.T, (64,))
     torch.manual_seed(3)
-    t, weight = draw_noise_levels(SCHED, 64, "v", 1.0, 0.0, torch.device("cpu"))
-    assert torch.equal(t, expected) and torch.equal(weight, loss_weight(SCHED, t, "v", 1.0))
+    t, weight = draw_noise_levels(SCHED, 64, "v", gamma, share, torch.device("cpu"))
+    assert torch.equal(t, expected) and torch.equal(weight, loss_weight(SCHED, t, "v", gamma))
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])
