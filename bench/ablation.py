@@ -39,6 +39,7 @@ from unet import load_model  # noqa: E402
 # off were trained on an earlier default (t drawn uniformly; AdamW for 3,000 steps; min-SNR gamma 5, sampled at
 # w 1.25) and are compared with it.
 UNIFORM = ["--t-importance", "0"]
+SHARE_08 = ["--t-importance", "0.8"]
 ADAMW = [*UNIFORM, "--optimizer", "adamw", "--max-steps", "3000"]
 GAMMA_5 = [*ADAMW, "--min-snr-gamma", "5"]
 TRAININGS = {
@@ -46,8 +47,8 @@ TRAININGS = {
     "default-seed1": ["--seed", "1"],
     "uniform": UNIFORM,
     "uniform-seed1": [*UNIFORM, "--seed", "1"],
-    "t-importance-0.8": ["--t-importance", "0.8"],
-    "t-importance-0.8-seed1": ["--t-importance", "0.8", "--seed", "1"],
+    "t-importance-0.8": SHARE_08,
+    "t-importance-0.8-seed1": [*SHARE_08, "--seed", "1"],
     "adamw": ADAMW,
     "adamw-seed1": [*ADAMW, "--seed", "1"],
     "min-snr-5": GAMMA_5,
