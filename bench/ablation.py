@@ -1,7 +1,7 @@
 """Which training and sampling changes pay on OUR model? Trains each variant with train.py, samples the
 same 1,000 digits (same seed) from each, and scores them with bench/evaluate.py.
 
-    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 15 models)
+    python bench/ablation.py --data ../shared/data/mnist-t10k              # every row (trains 17 models)
     python bench/ablation.py --data ../shared/data/mnist-t10k --jobs 2     # two trainings at a time, 1 thread each
     python bench/ablation.py --data ../shared/data/mnist-t10k --only default,adamw   # just these runs' rows
 
@@ -9,9 +9,10 @@ A run whose folder (bench/.ablation/NAME) already holds a finished model.pt and 
 an interrupted ablation continues where it stopped. train.json records the command and its wall-clock
 time (with --jobs 2 each training shares the 2 cores with another: its time is not a quiet run's).
 
-Rows: the new defaults (two training seeds), the previous default (noise levels drawn uniformly; two seeds)
-and a larger share of them drawn where the loss weight is (two seeds), the default before it (AdamW for 3,000
-steps, guidance 1; two seeds), the default before that (min-SNR gamma 5, guidance 1.25; two seeds) with each
+Rows: the new defaults (two training seeds), the previous default (2,400 steps; two seeds), the default
+before it (2,400 steps with the noise levels drawn uniformly; two seeds) and a larger share of them drawn where
+the loss weight is (two seeds), the default before that (AdamW for 3,000 steps, guidance 1; two seeds), the
+one before that (min-SNR gamma 5, guidance 1.25; two seeds) with each
 of its training changes switched off alone, each sampling change switched off alone on the default model, and
 the old defaults (eps-prediction and the plain MSE of the blog, the Transformer block in every conv block,
 3,400 steps of batch 128 with AdamW, DDIM-25 with guidance 1.5 at every step).
@@ -36,15 +37,18 @@ from config import Parser, UserError, number, run_main  # noqa: E402
 from unet import load_model  # noqa: E402
 
 # training variants: run name -> train.py flags on top of the defaults. The rows that switch one older change
-# off were trained on an earlier default (t drawn uniformly; AdamW for 3,000 steps; min-SNR gamma 5, sampled at
-# w 1.25) and are compared with it.
-UNIFORM = ["--t-importance", "0"]
-SHARE_08 = ["--t-importance", "0.8"]
-ADAMW = [*UNIFORM, "--optimizer", "adamw", "--max-steps", "3000"]
+# off were trained on an earlier default (2,400 steps; t drawn uniformly; AdamW for 3,000 steps; min-SNR gamma
+# 5, sampled at w 1.25) and are compared with it.
+STEPS_2400 = ["--max-steps", "2400"]
+UNIFORM = [*STEPS_2400, "--t-importance", "0"]
+SHARE_08 = [*STEPS_2400, "--t-importance", "0.8"]
+ADAMW = ["--t-importance", "0", "--optimizer", "adamw", "--max-steps", "3000"]
 GAMMA_5 = [*ADAMW, "--min-snr-gamma", "5"]
 TRAININGS = {
     "default": [],
     "default-seed1": ["--seed", "1"],
+    "steps-2400": STEPS_2400,
+    "steps-2400-seed1": [*STEPS_2400, "--seed", "1"],
     "uniform": UNIFORM,
     "uniform-seed1": [*UNIFORM, "--seed", "1"],
     "t-importance-0.8": SHARE_08,
@@ -68,8 +72,10 @@ PREVIOUS = Variant(guidance=1.25)                           # the gamma-5 defaul
 ROWS = [
     ("new defaults", "training seed 0", "default", Variant()),
     ("", "training seed 1", "default-seed1", Variant()),
-    ("half the noise levels where the loss weight is", "off: all uniform (the previous default)", "uniform",
-     Variant()),
+    ("3,200 steps", "off: 2,400 (the previous default)", "steps-2400", Variant()),
+    ("", "off, training seed 1", "steps-2400-seed1", Variant()),
+    ("half the noise levels where the loss weight is (2,400 steps)", "off: all uniform (the default before)",
+     "uniform", Variant()),
     ("", "off, training seed 1", "uniform-seed1", Variant()),
     ("", "0.8 of them", "t-importance-0.8", Variant()),
     ("", "0.8 of them, training seed 1", "t-importance-0.8-seed1", Variant()),
