@@ -65,7 +65,7 @@ class TrainConfig:
     warmup_steps: int = 200        # linear LR warm-up, then cosine decay to 0 at max_steps
     # training length in optimizer steps (independent of the data size). Where AdamW had stopped gaining by 3,000,
     # Muon's 3,200 drew the asked-for digit more often than its 2,400 (the previous default), as close to real
-    # ones, in a third more time (README, "Quality per CPU-minute").
+    # ones, in about a quarter more time (README, "Quality per CPU-minute").
     max_steps: int = 3200
     p_uncond: float = 0.1          # chance to drop the label (classifier-free guidance needs it)
     # loss weight min(SNR_t, gamma) / (SNR_t + 1) (Hang et al. 2023); 0 = the blog's plain MSE. The paper's gamma 5
