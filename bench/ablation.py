@@ -9,13 +9,13 @@ A run whose folder (bench/.ablation/NAME) already holds a finished model.pt and 
 an interrupted ablation continues where it stopped. train.json records the command and its wall-clock
 time (with --jobs 2 each training shares the 2 cores with another: its time is not a quiet run's).
 
-Rows: the new defaults (two training seeds), the previous default (2,400 steps; two seeds), the default
-before it (2,400 steps with the noise levels drawn uniformly; two seeds) and a larger share of them drawn where
-the loss weight is (two seeds), the default before that (AdamW for 3,000 steps, guidance 1; two seeds), the
-one before that (min-SNR gamma 5, guidance 1.25; two seeds) with each
-of its training changes switched off alone, each sampling change switched off alone on the default model, and
-the old defaults (eps-prediction and the plain MSE of the blog, the Transformer block in every conv block,
-3,400 steps of batch 128 with AdamW, DDIM-25 with guidance 1.5 at every step).
+Rows: the new defaults (two training seeds), the previous default (2,400 steps; two seeds), the default before
+it (2,400 steps with the noise levels drawn uniformly; two seeds) and a larger share of them drawn where the
+loss weight is (two seeds), the default before that (AdamW for 3,000 steps, guidance 1; two seeds), the one
+before that (min-SNR gamma 5, guidance 1.25; two seeds) with each of its training changes switched off alone,
+each sampling change switched off alone on the default model, and the old defaults (eps-prediction and the
+plain MSE of the blog, the Transformer block in every conv block, 3,400 steps of batch 128 with AdamW, DDIM-25
+with guidance 1.5 at every step).
 """
 import argparse
 import json
@@ -40,9 +40,10 @@ from unet import load_model  # noqa: E402
 # off were trained on an earlier default (2,400 steps; t drawn uniformly; AdamW for 3,000 steps; min-SNR gamma
 # 5, sampled at w 1.25) and are compared with it.
 STEPS_2400 = ["--max-steps", "2400"]
-UNIFORM = [*STEPS_2400, "--t-importance", "0"]
+T_UNIFORM = ["--t-importance", "0"]
+UNIFORM = [*STEPS_2400, *T_UNIFORM]
 SHARE_08 = [*STEPS_2400, "--t-importance", "0.8"]
-ADAMW = ["--t-importance", "0", "--optimizer", "adamw", "--max-steps", "3000"]
+ADAMW = [*T_UNIFORM, "--optimizer", "adamw", "--max-steps", "3000"]
 GAMMA_5 = [*ADAMW, "--min-snr-gamma", "5"]
 TRAININGS = {
     "default": [],
