@@ -662,6 +662,27 @@ def writable_folder(text):
     return text
 
 
+def second_reader_main(p, argv, read, format_table, seeds=(0,)):
+    """The command line that bench/outsider.py and bench/strict_reader.py share, after their own flags: the
+    samples file, --seeds, --cache-dir, --threads and --json; then read(images, labels, args) -> one row per
+    seed, printed as format_table(rows) or one JSON line each. A UsageError or DataError is one line, exit 2."""
+    p.add_argument("samples", help="torch.save'd dict {'images': uint8 (N,1,28,28), 'labels': int64 (N,)}")
+    p.add_argument("--seeds", type=lambda s: [whole(0, 2**31 - 1)(v) for v in s.split(",")], default=list(seeds),
+                   help=f"classifier seeds, comma-separated (default {','.join(map(str, seeds))})")
+    p.add_argument("--cache-dir", type=writable_folder, default=DEFAULT_CACHE_DIR, help=f"default {DEFAULT_CACHE_DIR}")
+    p.add_argument("--threads", type=whole(1, 1024), default=1, help="torch threads, in 1..1024 (default 1)")
+    p.add_argument("--json", action="store_true", help="one JSON line per seed instead of the table")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    try:
+        rows = read(*load_samples(a.samples), a)
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(json.dumps(r) for r in rows) if a.json else format_table(rows))
+    return 0
+
+
 def names(known):
     """An argparse type: comma-separated names, each one of `known` (at least one); a list, each name once."""
     def parse(text):

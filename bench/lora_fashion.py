@@ -3,6 +3,7 @@
     python bench/lora_fashion.py --base model.pt                  # the README's table (~40 min on 2 cores)
     python bench/lora_fashion.py --base model.pt --runs base,full,default
     python bench/lora_fashion.py --base model.pt --runs default,full --classifier-seeds 0,1,2   # 3 classifiers
+    python bench/lora_fashion.py --base model.pt --runs default,full --strict-seeds 0   # + the strict reader
     python bench/lora_fashion.py --base model.pt --quick          # smoke test (numbers not meaningful)
 
 Every run starts from the same digit model (--base) and trains on Fashion-MNIST with the same steps,
@@ -19,7 +20,10 @@ FD / floor, with the accuracy as a share of full fine-tuning's. "base" is the di
 with Fashion labels (the "before"). With --classifier-seeds 0,1,2 every run's samples are also scored by the
 evaluator's classifiers of those seeds (bench/evaluate.py --seed N: trained from other random starts on the
 same images), and a second table gives each one's accuracy and share of full fine-tuning's: an adapter
-chosen with one classifier can read worse under another. Then it writes two figures into --figures:
+chosen with one classifier can read worse under another. With --strict-seeds 0 they are also read by
+bench/strict_reader.py (a deeper classifier that learned from Fashion-MNIST's test split, which no fine-tuning
+sees), in a table of its own: it reads an adapter's speckled clothing worse than the evaluator's classifiers
+do (README, "A stricter reader"). Then it writes two figures into --figures:
 lora_fashion.png (same seed: base | each LoRA run | full) and lora_compare.png (denoise.py --compare
 at the default precision for the most accurate LoRA run: base | LoRA | merged).
 
@@ -95,19 +99,23 @@ def fine_tune(name, flags, args, work):
 
 
 def sample_and_score(name, weights, args, work, per_label):
-    """denoise.py with the run's weights, then bench/evaluate.py --domain fashion with each of
-    --classifier-seeds; returns {classifier seed: its JSON}, and the samples file."""
+    """denoise.py with the run's weights, then bench/evaluate.py --domain fashion with each of --classifier-seeds
+    and bench/strict_reader.py with each of --strict-seeds; returns ({"classifier" or "strict": {seed: its
+    JSON}}, the samples file)."""
     samples = work / f"{name}.samples.pt"
     cmd = [sys.executable, "denoise.py", "--per-label", str(per_label), "--seed", str(args.seed),
            "--out-dir", str(work / name / "denoise"), "--save-samples", str(samples), "--overwrite", *weights]
     run_child(cmd, work / f"{name}.denoise.log")
+    readers = {"classifier": (args.classifier_seeds, ["bench/evaluate.py", "--domain", "fashion", "--seed"]),
+               "strict": (args.strict_seeds, ["bench/strict_reader.py", "--seeds"])}
     scores = {}
-    for seed in args.classifier_seeds:
-        log_path = work / f"{name}.evaluate-seed{seed}.log"
-        cmd = [sys.executable, "bench/evaluate.py", str(samples), "--domain", "fashion", "--data-root",
-               args.data_root, "--seed", str(seed), "--json"]
-        run_child(cmd, log_path)
-        scores[seed] = json.loads(log_path.read_text().strip().splitlines()[-1])
+    for reader, (seeds, script) in readers.items():
+        scores[reader] = {}
+        for seed in seeds:
+            log_path = work / f"{name}.{Path(script[0]).stem}-seed{seed}.log"
+            run_child([sys.executable, *script, str(seed), str(samples), "--data-root", args.data_root, "--json"],
+                      log_path)
+            scores[reader][seed] = json.loads(log_path.read_text().strip().splitlines()[-1])
     return scores, samples
 
 
@@ -132,20 +140,29 @@ def markdown(rows, base_bytes, args):
         out.append(f"| {r['name']} | {flags} | {trained} | {size} | {timing} | "
                    f"{100 * r['accuracy']:.1f}% | {share} | {r['fd_ratio']:.1f}x |")
     if len(args.classifier_seeds) > 1:
-        seeds = args.classifier_seeds
-        out += ["", "Accuracy (and of full's) under the evaluator's classifier of each seed (bench/evaluate.py --seed N):",
-                "", "| run | " + " | ".join(f"classifier {s}" for s in seeds) + " | of full's, mean |",
-                "|---|" + "---:|" * (len(seeds) + 1)]
-        for r in rows:
-            accuracies = [r["by_classifier"][s] for s in seeds]
-            if full and r["name"] != "full":
-                shares = [a / full["by_classifier"][s] for a, s in zip(accuracies, seeds)]
-                cells = [f"{100 * a:.1f}% ({100 * q:.0f}%)" for a, q in zip(accuracies, shares)]
-                mean = f"{100 * sum(shares) / len(shares):.1f}%"
-            else:
-                cells, mean = [f"{100 * a:.1f}%" for a in accuracies], "-"
-            out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {mean} |")
+        out += share_table(rows, full, "classifier", args.classifier_seeds,
+                           "the evaluator's classifier of each seed (bench/evaluate.py --seed N)")
+    if args.strict_seeds:
+        out += share_table(rows, full, "strict", args.strict_seeds,
+                           "the strict reader of each seed (bench/strict_reader.py --seeds N)")
     return "\n".join(out)
+
+
+def share_table(rows, full, reader, seeds, what):
+    """A table of each run's accuracy under every seed of one reader, with its share of full fine-tuning's."""
+    out = ["", f"Accuracy (and of full's) under {what}:", "",
+           "| run | " + " | ".join(f"{reader} {s}" for s in seeds) + " | of full's, mean |",
+           "|---|" + "---:|" * (len(seeds) + 1)]
+    for r in rows:
+        accuracies = [r[reader][s] for s in seeds]
+        if full and r["name"] != "full":
+            shares = [a / full[reader][s] for a, s in zip(accuracies, seeds)]
+            cells = [f"{100 * a:.1f}% ({100 * q:.0f}%)" for a, q in zip(accuracies, shares)]
+            mean = f"{100 * sum(shares) / len(shares):.1f}%"
+        else:
+            cells, mean = [f"{100 * a:.1f}%" for a in accuracies], "-"
+        out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {mean} |")
+    return out
 
 
 def save_figures(rows, samples, lora_files, args, work):
@@ -184,6 +201,9 @@ def main():
     parser.add_argument("--classifier-seeds", type=numbers(int, "[0, 2147483647]"), default=(0,),
                         help="score with the evaluator's classifier of each of these seeds (e.g. 0,1,2; the first "
                         "fills the main table)")
+    parser.add_argument("--strict-seeds", type=numbers(int, "[0, 2147483647]"), default=(),
+                        help="also score with bench/strict_reader.py of each of these seeds (e.g. 0; trained once, "
+                        "about 7 minutes on one core, then cached)")
     # The bench owns --work: a run again in the same folder redoes every file there (its children are given
     # --overwrite), as a user who runs a benchmark again expects, rather than mixing old files with new ones;
     # a folder that holds files the bench did not write is refused (main).
@@ -197,6 +217,8 @@ def main():
         raise UserError(f"--base {args.base}: not found (train one with python train.py)")
     if not args.classifier_seeds or len(set(args.classifier_seeds)) < len(args.classifier_seeds):
         raise UserError(f"--classifier-seeds: give each seed once, e.g. 0,1,2 (got {args.classifier_seeds or 'none'})")
+    if len(set(args.strict_seeds)) < len(args.strict_seeds):
+        raise UserError(f"--strict-seeds: give each seed once, e.g. 0,1 (got {args.strict_seeds})")
     if args.steps is None:                    # (an explicit --steps or --per-label wins over --quick's)
         args.steps = 3 if args.quick else FinetuneConfig.max_steps
     if args.per_label is None:
@@ -225,9 +247,9 @@ def main():
                 weights += ["--lora", str(out)]
                 lora_files[name] = out
         scores, samples[name] = sample_and_score(name, weights, args, work, args.per_label)
-        first = scores[args.classifier_seeds[0]]
+        first = scores["classifier"][args.classifier_seeds[0]]
         row.update(accuracy=first["accuracy"], fd_ratio=first["fd_ratio"],
-                   by_classifier={s: score["accuracy"] for s, score in scores.items()})
+                   **{reader: {s: score["accuracy"] for s, score in by_seed.items()} for reader, by_seed in scores.items()})
         rows.append(row)
         log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'flags'})}")
     print(markdown(rows, os.path.getsize(args.base), args))

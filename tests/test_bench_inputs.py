@@ -42,6 +42,10 @@ CASES = [
      ["--steps", "got x"]),
     ("lora-fashion-seed-too-large", "bench/lora_fashion.py", ["--base", "{ckpt}", "--seed", "99999999999999999999"],
      ["--seed", "got 99999999999999999999"]),
+    ("lora-fashion-strict-seed-twice", "bench/lora_fashion.py", ["--base", "{ckpt}", "--strict-seeds", "0,0"],
+     ["--strict-seeds", "give each seed once"]),
+    ("strict-reader-cache-dir-is-a-file", "bench/strict_reader.py", ["{samples}", "--cache-dir", "{file}"],
+     ["--cache-dir", "is a file"]),
 ]
 
 

@@ -220,16 +220,23 @@ def test_fingerprint_identifies_base_weights(tiny_model, tiny_cfg):
 
 def test_fashion_bench_reports_each_classifiers_share_of_full_fine_tuning():
     """bench/lora_fashion.py --classifier-seeds: a run's accuracy under each classifier is divided by full
-    fine-tuning's under the SAME classifier, and their mean is reported; with one classifier, no second table."""
+    fine-tuning's under the SAME classifier, and their mean is reported; with one classifier, no second table.
+    --strict-seeds adds bench/strict_reader.py's table, each share again against full fine-tuning's reading."""
     rows = [{"name": "full", "flags": ["--full"], "trainable": 100, "total": 100, "file_bytes": 2048, "s_per_step": 0.2,
-             "wall_s": 60, "peak_rss_mib": 900, "accuracy": 0.9, "fd_ratio": 7.0, "by_classifier": {0: 0.9, 3: 0.8}},
+             "wall_s": 60, "peak_rss_mib": 900, "accuracy": 0.9, "fd_ratio": 7.0, "classifier": {0: 0.9, 3: 0.8},
+             "strict": {1: 0.92}},
             {"name": "default", "flags": [], "trainable": 3, "total": 103, "file_bytes": 1024, "s_per_step": 0.2,
-             "wall_s": 60, "peak_rss_mib": 900, "accuracy": 0.81, "fd_ratio": 20.0, "by_classifier": {0: 0.81, 3: 0.76}}]
-    args = SimpleNamespace(base="base.pt", steps=10, seed=0, per_label=100, classifier_seeds=(0, 3))
+             "wall_s": 60, "peak_rss_mib": 900, "accuracy": 0.81, "fd_ratio": 20.0, "classifier": {0: 0.81, 3: 0.76},
+             "strict": {1: 0.782}}]
+    args = SimpleNamespace(base="base.pt", steps=10, seed=0, per_label=100, classifier_seeds=(0, 3), strict_seeds=())
     table = markdown(rows, 4096, args).splitlines()
     assert "| default | 81.0% (90%) | 76.0% (95%) | 92.5% |" in table       # 0.81 / 0.9 and 0.76 / 0.8
     assert "| full | 90.0% | 80.0% | - |" in table
     main_row = next(line for line in table if line.startswith("| default | `(defaults)`"))
     assert "| 81.0% | 90% | 20.0x |" in main_row                           # the first classifier fills the main table
-    args.classifier_seeds = (0,)
-    assert not any("classifier 0" in line for line in markdown(rows, 4096, args).splitlines())
+    assert not any("strict" in line for line in table)
+    args.classifier_seeds, args.strict_seeds = (0,), (1,)
+    table = markdown(rows, 4096, args).splitlines()
+    assert not any("classifier 0" in line for line in table)
+    assert "| run | strict 1 | of full's, mean |" in table
+    assert "| default | 78.2% (85%) | 85.0% |" in table                  # 0.782 / 0.92
