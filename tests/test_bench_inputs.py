@@ -73,8 +73,8 @@ def test_speed_on_a_gpu_the_machine_does_not_have(cli):
     check_user_error(cli.run("bench/speed.py", "--quick", "--device", "cuda"), "--device cuda", "no cuda device")
 
 
-# lora_fashion.py with the evaluator's score faked (bench/evaluate.py is tested on its own; a real one would
-# train a classifier on Fashion-MNIST): every other child runs for real.
+# lora_fashion.py with the evaluator's and the strict reader's scores faked (both are tested on their own; real ones
+# would train a classifier on Fashion-MNIST): every other child runs for real.
 FIXED_SCORE = r"""
 import json
 import bench.lora_fashion as bench
@@ -82,6 +82,9 @@ real = bench.run_child
 def run_child(cmd, log_path):
     if "bench/evaluate.py" in cmd:
         log_path.write_text(json.dumps({"accuracy": 0.5, "fd_ratio": 2.0}) + "\n")
+        return 0.0, 0.0
+    if "bench/strict_reader.py" in cmd:           # its seed after --seeds, read back as the accuracy
+        log_path.write_text(json.dumps({"accuracy": int(cmd[cmd.index("--seeds") + 1]) / 10}) + "\n")
         return 0.0, 0.0
     return real(cmd, log_path)
 bench.run_child = run_child
@@ -100,6 +103,16 @@ def test_lora_fashion_runs_again_in_the_same_work_folder(cli, base_run, tmp_path
     result = check_ok(cli.run(None, *args, code=FIXED_SCORE))
     assert samples.stat().st_ino != first and "| base |" in result.stdout      # written again (atomically)
     assert (tmp_path / "F" / "lora_fashion.png").is_file()
+
+
+def test_lora_fashion_strict_seeds_read_each_run_with_each_reader(cli, base_run, tmp_path):
+    """--strict-seeds 3,4: bench/strict_reader.py reads every run's samples once per seed, in a table of its own."""
+    result = check_ok(cli.run(None, "--base", base_run["ckpt"], "--quick", "--runs", "base", "--work", tmp_path / "W",
+                              "--figures", tmp_path / "F", "--strict-seeds", "3,4", code=FIXED_SCORE))
+    assert "| run | strict 3 | strict 4 | of full's, mean |" in result.stdout
+    assert "| base | 30.0% | 40.0% | - |" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "W").glob("base.strict_reader-seed*.log")) == \
+        ["base.strict_reader-seed3.log", "base.strict_reader-seed4.log"]
 
 
 def test_lora_fashion_quick_keeps_an_explicit_per_label(cli, base_run, tmp_path):
