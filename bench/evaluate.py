@@ -369,10 +369,19 @@ def train_classifier(train_x, train_y, domain, seed=0, verbose=True):
     model = Classifier()
     # Epochs chosen so both domains take about a minute on one core.
     epochs = 8 if len(train_x) <= 20000 else 2
+    return fit_classifier(model, train_x, train_y, g, epochs, weight_decay=1e-4, max_lr=3e-3,
+                          name=domain if verbose else None)
+
+
+def fit_classifier(model, train_x, train_y, g, epochs, weight_decay, max_lr, flip=False, name=None):
+    """Train `model` (returning (logits, features)) for `epochs` passes of AdamW at batch 128 with a one-cycle
+    learning rate, each batch shifted by up to 2 px (and with flip=True, half of it flipped left-right), g
+    drawing the order, shifts and flips; prints each epoch to stderr under [name] unless name is None.
+    train_classifier and bench/strict_reader.py's reader both train through it."""
     batch_size = 128
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps_per_epoch,
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * steps_per_epoch,
                                                 pct_start=0.2)
     t0 = time.time()
     for epoch in range(epochs):
@@ -382,6 +391,9 @@ def train_classifier(train_x, train_y, domain, seed=0, verbose=True):
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
             x = _random_shift(to_float(train_x[idx]), 2.0, g)
+            if flip:
+                flipped = (torch.rand(len(idx), generator=g) < 0.5).view(-1, 1, 1, 1)
+                x = torch.where(flipped, x.flip(-1), x)
             y = train_y[idx]
             logits, _ = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=0.05)
@@ -392,8 +404,8 @@ def train_classifier(train_x, train_y, domain, seed=0, verbose=True):
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
             total += len(idx)
-        if verbose:
-            print(f"  [{domain}] epoch {epoch + 1}/{epochs}: loss {loss_sum / total:.3f}, "
+        if name is not None:
+            print(f"  [{name}] epoch {epoch + 1}/{epochs}: loss {loss_sum / total:.3f}, "
                   f"train acc {correct / total:.3f}, {time.time() - t0:.0f}s", file=sys.stderr)
     model.eval()
     return model

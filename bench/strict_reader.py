@@ -15,17 +15,15 @@ bench/evaluate.py (the one file it imports), it imports nothing from the project
 """
 
 import hashlib
-import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import (DEFAULT_CACHE_DIR, OneLineParser, _random_shift, check_labels_covered, load_real,  # noqa: E402
-                      run_classifier, second_reader_main, to_float, write_then_rename)
+from evaluate import (DEFAULT_CACHE_DIR, OneLineParser, check_labels_covered, fit_classifier, load_real,  # noqa: E402
+                      run_classifier, second_reader_main, write_then_rename)
 
 EPOCHS = 20
 CEILING_IMAGES = 10_000                         # the first training images: the reader's real-data ceiling
@@ -54,28 +52,12 @@ class StrictReader(nn.Module):
 
 
 def train_reader(x, y, seed, epochs=EPOCHS):
-    """AdamW with a one-cycle learning rate; each batch shifted by up to 2 px and half of it flipped left-right."""
+    """evaluate.py's training loop with this reader's own settings: more weight decay, a higher peak learning
+    rate, and half of each batch flipped left-right."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = StrictReader()
-    batch_size = 128
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, pct_start=0.2,
-                                                total_steps=epochs * math.ceil(len(x) / batch_size))
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            batch = _random_shift(to_float(x[idx]), 2.0, g)
-            flip = (torch.rand(len(idx), generator=g) < 0.5).view(-1, 1, 1, 1)
-            loss = F.cross_entropy(model(torch.where(flip, batch.flip(-1), batch))[0], y[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        print(f"  [strict reader] epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", file=sys.stderr)
-    return model.eval()
+    return fit_classifier(StrictReader(), x, y, g, epochs, weight_decay=5e-4, max_lr=4e-3, flip=True,
+                          name="strict reader")
 
 
 def load_reader(real, seed, cache_dir, epochs=EPOCHS):
