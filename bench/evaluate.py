@@ -695,6 +695,22 @@ def second_reader_main(p, argv, read, format_table, seeds=(0,)):
     return 0
 
 
+def cached_reader(prefix, x, y, seed, cache_dir, build, train, what, salt=""):
+    """A second reader (bench/outsider.py's, bench/strict_reader.py's), trained once per images, labels, seed and
+    salt and cached in cache_dir as PREFIX_<hash>_seedN.pt: build() makes the untrained network to load into,
+    train() the trained one. Returned in eval mode."""
+    key = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes() + salt.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{prefix}_{key}_seed{seed}.pt"
+    if path.is_file():
+        model = build()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        print(f"  training the {what} (once; cached in {path})", file=sys.stderr)
+        model = train()
+        write_then_rename(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    return model.eval()
+
+
 def names(known):
     """An argparse type: comma-separated names, each one of `known` (at least one); a list, each name once."""
     def parse(text):

