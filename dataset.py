@@ -11,7 +11,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 
 from config import (LIMITS, Parser, UserError, check_new_output, make_folder, missing_folders, remove_if_empty, run_main,
@@ -118,6 +117,9 @@ def load_torchvision(name, root):
                 raise UserError(f"{raw}: its train-*{suffix} files hold {len(images):,d} images and "
                                 f"{len(labels):,d} labels; they must be as many, and at least one")
             return images.unsqueeze(1).contiguous(), labels.long()
+    # Imported here, where a download needs it, and not at the top: importing torchvision costs 2-3 s (it loads
+    # torch._dynamo), which every script would pay at start even with the files on disk.
+    import torchvision
     cls = getattr(torchvision.datasets, NAMED[name])
     new_folders = missing_folders(raw)                      # the folders a download would make
     try:

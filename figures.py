@@ -9,7 +9,6 @@ import os
 
 import matplotlib
 import torch
-import torchvision
 from PIL import Image
 
 from config import Parser, atomic_write, make_folder, run_main
@@ -23,6 +22,20 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def make_grid(images, nrow, padding=2, pad_value=64):
+    """uint8 images (N,1,H,W) -> one uint8 picture (H', W'): nrow images a row, each framed by `padding` pixels
+    of grey level pad_value. (What torchvision.utils.make_grid draws for N > 1; importing torchvision costs every
+    script 2-3 s at start, more than drawing 100 digits, so only a download imports it: dataset.py.)"""
+    n, _, h, w = images.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)                                                   # ceil(n / cols)
+    grid = torch.full((rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=images.dtype)
+    for i, image in enumerate(images):
+        top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        grid[top:top + h, left:left + w] = image[0]
+    return grid
+
+
 def save_figure(fig, path):
     """Write a matplotlib figure as PNG, atomically."""
     try:
@@ -34,7 +47,7 @@ def save_figure(fig, path):
 def save_grid(images, path, nrow, row_names=None):
     """uint8 images (N,1,H,W) -> one PNG, nrow images per row; {title: images} -> the panels side by side."""
     panels = images if isinstance(images, dict) else {"": images}
-    grids = [torchvision.utils.make_grid(x, nrow=nrow, padding=2, pad_value=64)[0] for x in panels.values()]
+    grids = [make_grid(x, nrow) for x in panels.values()]
     rows = (len(next(iter(panels.values()))) + nrow - 1) // nrow
     fig, axes = plt.subplots(1, len(grids), figsize=(len(grids) * (nrow * 0.45 + 0.6), rows * 0.45 + 0.2
                                                      + 0.3 * any(panels)), squeeze=False)
@@ -54,7 +67,7 @@ def save_process_figure(columns, labels, path, column_names):
     (The blog draws one subplot per image; one image with labelled rows and columns draws in a tenth of the time.)"""
     n, k = len(labels), len(columns)
     rows = torch.stack([to_uint8(images[:n]) for images in columns], dim=1).flatten(0, 1)   # (n*k, 1, H, W), row by row
-    grid = torchvision.utils.make_grid(rows, nrow=k, padding=2, pad_value=64)[0]
+    grid = make_grid(rows, nrow=k)
     fig, ax = plt.subplots(figsize=(k * 0.8, n * 0.8 + 0.3))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
     ax.set_xticks([grid.shape[1] / k * (j + 0.5) for j in range(k)], column_names, fontsize=7)
@@ -69,7 +82,7 @@ def save_animation(frames, path, scale=4):
     the last frame is held longer so the result can be seen."""
     pictures = []
     for imgs in frames:
-        grid = torchvision.utils.make_grid(to_uint8(imgs), nrow=len(imgs), padding=1)[0]   # (H', W')
+        grid = make_grid(to_uint8(imgs), nrow=len(imgs), padding=1, pad_value=0)      # (H', W')
         pictures.append(Image.fromarray(grid.numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale),
                                                              Image.NEAREST))
     atomic_write(path, lambda tmp: pictures[0].save(tmp, format="GIF", save_all=True, duration=80, loop=0,

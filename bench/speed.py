@@ -19,8 +19,8 @@ and each table shows the median round, with the fastest and slowest round in bra
    applies on config.SampleConfig's interval, one batched forward of 200 per guided step (samplers,
    network_calls). Random weights unless --checkpoint: the cost does not depend on the weights. Then
    the whole CLI, `python denoise.py --per-label 10`, against a bare `python -c "import torch,
-   torchvision, matplotlib.pyplot"`: their difference is what our code adds on top of importing the
-   libraries (target: <= 5 s).
+   matplotlib.pyplot"` (the libraries it imports; torchvision only where a download needs it): their
+   difference is what our code adds on top of importing the libraries (target: <= 5 s).
    With --parts lora: the default sampler (config.SampleConfig, precision auto) for the base model, for the
    model with a LoRA adapter (unmerged: every adapted layer computes W + dW at each call), and for the same
    adapter merged into the weights, once with the blog's targets (Wq,Wk,Wv, rank 4) and once with the
@@ -64,7 +64,7 @@ from unet import GroupNorm32, UNet, check_model_config, count_parameters, load_m
 # The tutorial's UNet shape, built with our blocks: 48x48 pixels directly, five levels, one token.
 TUTORIAL = ModelConfig(image_size=48, patch=1, widths=(64, 128, 256, 512, 1024), context_tokens=1)
 TUTORIAL_BATCH = 64
-BARE_IMPORTS = "import torch, torchvision, matplotlib.pyplot"
+BARE_IMPORTS = "import torch, matplotlib.pyplot"
 
 # How much to measure. --quick only checks that everything runs.
 FULL = dict(train_rounds=5, train_steps=10, warmup_steps=3, sample_rounds=3, per_label=10, cli_runs=3,
