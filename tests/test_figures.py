@@ -33,6 +33,5 @@ def test_make_grid_draws_what_torchvision_draws(n, nrow, padding, pad_value):
 
 def test_the_scripts_start_without_importing_torchvision():
     """Importing torchvision costs seconds (it loads torch._dynamo); only a download needs it."""
-    result = check_ok(run_python("import sys, train, lora_finetune, denoise; "
-                                 "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))"))
-    assert result.stdout.split() == ["[]"], result.stdout
+    result = check_ok(run_python("import sys, train, lora_finetune, denoise; print('torchvision' in sys.modules)"))
+    assert result.stdout.split() == ["False"], result.stdout
