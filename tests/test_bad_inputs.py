@@ -330,7 +330,7 @@ SERVER = r'''
 import json, os, runpy, signal, sys, traceback
 sys.path.insert(0, os.getcwd())
 import torch, config, dataset, diffusion, unet, lora, train, denoise, lora_finetune   # imported once
-import torch._dynamo   # torch.optim.Optimizer imports it when the first optimizer is built (2-3 s): once here too
+import torch._dynamo   # torch.optim.Optimizer imports it when the first optimizer is built (1-3 s): once here too
 for line in sys.stdin:
     req = json.loads(line)
     sys.stdout.flush()
