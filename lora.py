@@ -55,8 +55,8 @@ class LoraLayer(nn.Module):
         # W x + (x A B) alpha/r, computed as (W + dW) x: the same sum (a product distributes over +). The blog's
         # listing computes the detour beside W x, as written; for a layer of thousands of features that is the
         # cheap way, but ours have 32-256 and see every pixel of a batch, so two thin products and a sum over all
-        # of them cost about what W x costs, and W + dW is one small matrix (README, "LoRA": a fifth less time a
-        # fine-tuning step). Gradients still reach only A and B (W is frozen), and merging stores this very W + dW.
+        # of them cost about what W x costs, and W + dW is one small matrix (README, "LoRA": a tenth to a fifth
+        # less time a fine-tuning step). Gradients reach only A and B (W is frozen); merging stores this W + dW.
         return self.base_op(x, self.adapted_weight())
 
     def base_op(self, x, weight):
