@@ -6,7 +6,7 @@ instead, because a checkpoint must remember the settings it was trained with:
 - TrainConfig: how to train it (also saved, so that --resume continues with the same settings).
 - FinetuneConfig: TrainConfig's fields with fine-tuning's defaults, plus LoRA's rank, alpha and targets.
 - SampleConfig: how denoise.py samples and draws by default.
-Scripts override any field with a command-line flag of the same name; functions take their defaults here.
+Scripts override the fields they use with command-line flags of the same names; functions take their defaults here.
 
     python config.py      # prints the defaults and the device that would be used
 """

@@ -1,6 +1,6 @@
 """A label-conditioned UNet in the style of Stable Diffusion's, sized for a CPU (blog part 9; the series' unet.py).
 
-    x_t (B,1,28,28), t (B,), label (B,)  ->  predicted noise eps (B,1,28,28)
+    x_t (B,1,28,28), t (B,), label (B,)  ->  the noise eps (B,1,28,28) in the blog; v by default here (config.py)
 
 Stable Diffusion's UNet is a diffusion UNet whose conv blocks each carry a Transformer block: the
 image features (queries) attend to a sequence of conditioning tokens (keys and values). Here the
@@ -123,7 +123,7 @@ class UNet(nn.Module):
                                   pool (32,7,7) -> down[1] (64,7,7) ── skip ─┐               │
                                                    mid (64,7,7) -> concat -> up[1] (32,7,7)  │
                                                    upsample (32,14,14) -> concat ─> up[0] (32,14,14)
-        head (4,14,14) -> shuffle -> eps (1,28,28)
+        head (4,14,14) -> shuffle -> v or eps (1,28,28)
 
     Every down, mid and up block is a ConvBlock; in the blog's UNet each carries its Transformer block
     (cross-attention to the label). Ours leaves it out of the 14x14 blocks (ModelConfig.attention_from,
@@ -241,8 +241,8 @@ if __name__ == "__main__":
     for n, m in model.named_modules():
         if n in ("stem", "mid", "head") or n.count(".") == 1 and n.startswith(("down.", "up.")):
             m.register_forward_hook(lambda m, i, o, n=n: print(f"  {n:10s} -> {tuple(o.shape)}"))
-    eps = model(x, t, labels)
-    print(f"output eps {tuple(eps.shape)}")
+    out = model(x, t, labels)
+    print(f"output {cfg.prediction} {tuple(out.shape)}")
     for name, part in [("time MLP", model.time_mlp), ("label context", model.context),
                        ("down path", model.down), ("middle", model.mid), ("up path", model.up)]:
         print(f"{name:14s} {count_parameters(part):>10,d} parameters")
