@@ -33,7 +33,7 @@ class ModelConfig:
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-        # What the network predicts. The blog's listing: the noise eps. Ours: v = sqrt(abar) eps - sqrt(1 - abar) x_0
+    # What the network predicts. The blog's listing: the noise eps. Ours: v = sqrt(abar) eps - sqrt(1 - abar) x_0
     # (Salimans & Ho 2022, section 4), well scaled at both ends of the schedule (README, "Quality per CPU-minute").
     prediction: str = "v"          # "eps" restores the blog's choice
     # UNet. The blog's listing uses channels 64..1024 at 48x48. Ours first folds each 2x2 patch of pixels
