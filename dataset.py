@@ -76,8 +76,13 @@ class Batches:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.epoch, self.pos, self.order = state["epoch"], state["pos"], state["order"]
+        """Continue where state_dict() was taken; a state that cannot be these images' is a ValueError."""
+        n, order, pos = len(self.images), state["order"], state["pos"]
+        if not (torch.is_tensor(order) and order.shape == (n,) and not order.is_floating_point()
+                and 0 <= order.min() <= order.max() < n and type(pos) is int and 0 <= pos <= n):
+            raise ValueError(f"its data order or position is not one of these {n:,d} images")
         self.generator.set_state(state["generator"])
+        self.epoch, self.pos, self.order = int(state["epoch"]), pos, order
 
 
 # ----------------------------------------------------------------------------- beyond the blog: files, folders, shards
@@ -170,8 +175,13 @@ def load_folder(path, size):
 
 def grayscale(img):
     """A PIL image as 8-bit grayscale (mode L). convert("L") alone clips 16-bit pixels at 255 and drops alpha."""
-    if img.mode.startswith("I"):            # 16-bit (I;16, or I as older Pillow opens 16-bit PNGs): 65535 -> 255
-        return img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")          # (+ 0.5: rounded)
+    if img.mode.startswith("I"):            # integers: 16-bit (I;16, or I as older Pillow opens 16-bit PNGs), 32-bit
+        lo, hi = img.convert("I").getextrema()
+        if not 0 <= lo <= hi <= 65535:
+            raise UserError(f"{getattr(img, 'filename', 'an image')} holds integer pixels from {lo} to {hi}; "
+                            "expected 0..255 or 0..65535")
+        scale = 1 if hi <= 255 else 1 / 257   # 8-bit values in a wider type as they are; 16-bit: 65535 -> 255
+        return img.convert("I").point(lambda v: v * scale + 0.5).convert("L")        # (+ 0.5: rounded)
     if img.mode == "F":                     # 32-bit float pixels (TIFF): convert("L") would read 0..1 as black
         lo, hi = img.getextrema()
         if not 0 <= lo <= hi <= 255:        # (nan fails every comparison)

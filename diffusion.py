@@ -89,6 +89,9 @@ def backward_denoise(model, sched, labels, sampler=SampleConfig.sampler, steps=N
             x, history = dpm_solver_step(sched, x, t, t_prev, eps, history)
         if i in record:
             snapshots.append((i + 1, x.clamp(-1, 1).cpu()))
+    if not torch.isfinite(x).all():   # (beyond the blog) clamp keeps nan, and the picture of nan would be black
+        raise UserError("sampling overflowed: the images hold nan or inf (the weights, a LoRA weight or --lora-scale "
+                        "are too large for this precision; fp16 overflows first, fp32 last)")
     return x.clamp(-1, 1), snapshots
 
 

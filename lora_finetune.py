@@ -21,7 +21,7 @@ from lora import (check_base_fingerprint, check_lora_targets, fingerprint, injec
                   lora_plus_groups, mark_only_lora_trainable)
 from train import (EMA, Progress, adamw, checkpoint_dict, end_distributed, figure_names, finish_run, fit, lr_schedule,
                    rank_0_first, resolve_train_config, restore_training_state, run_parser, setup_distributed, training_state)
-from unet import count_parameters, load_model
+from unet import count_parameters, load_model, load_weights
 
 
 def main():
@@ -58,14 +58,14 @@ def main():
     progress = Progress()
     if state:
         if args.full:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
+            load_weights(model, state["model"], args.out)
+            load_weights(ema, state["ema"], args.out)
         else:
             load_lora_state_dict(model, state["lora"])
         if "optimizer" not in state:
             raise UserError(f"{args.out} is a finished run (step {state['step']} of {tcfg.max_steps}), it keeps no "
                             "training state to continue: --overwrite starts over, or choose another --out")
-        progress = restore_training_state(state, optimizer, scheduler, batches)
+        progress = restore_training_state(state, optimizer, scheduler, batches, tcfg.max_steps)
         if is_main:
             print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
     n_train = sum(p.numel() for p in params)

@@ -409,25 +409,57 @@ def data_fingerprint(batches):
     return f"{len(batches.images):,d} images, hash {h.hexdigest()[:12]}"
 
 
-def restore_training_state(state, optimizer, scheduler, batches):
+def restore_training_state(state, optimizer, scheduler, batches, max_steps):
     world = state.get("world_size", 1)
     if world != batches.world:      # the global batch, hence the data order, depends on the number of processes
         raise UserError(f"--resume: this run was trained by {world} process(es), resume it with the same number "
                         f"(torchrun --nproc_per_node={world}, or plain python for 1), not {batches.world}")
-    now, order = data_fingerprint(batches), state["batches"]["order"]
-    if state.get("data", now) != now or len(order) != len(batches.images):   # (older files kept only the order)
+    now = data_fingerprint(batches)
+    if state.get("data", now) != now:
         raise UserError(f"--resume: --data gives other images ({now}) than this run learnt from "
-                        f"({state.get('data', f'{len(order):,d} images')}); resume with the same --data")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    batches.load_state_dict(state["batches"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        if world == 1:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        else:   # torchrun: every GPU continues from rank 0's GPU's generator (all of them drew the same numbers)
-            torch.cuda.set_rng_state(state["rng"]["cuda"][0])      # (the current device: this process's)
+                        f"({state['data']}); resume with the same --data")
+
+    def rng(saved):
+        torch.set_rng_state(saved["cpu"])
+        if saved["cuda"] and torch.cuda.is_available():
+            if world == 1:
+                torch.cuda.set_rng_state_all(saved["cuda"])
+            else:   # torchrun: every GPU continues from rank 0's GPU's generator (all of them drew the same numbers)
+                torch.cuda.set_rng_state(saved["cuda"][0])          # (the current device: this process's)
+
+    # A damaged part would fail inside PyTorch's loaders (KeyError, RuntimeError, ...), or only steps later: each is
+    # loaded and checked here, and a failure is one line that names the part.
+    for part, load in (("optimizer", lambda saved: load_optimizer_state(optimizer, saved)),
+                       ("scheduler", scheduler.load_state_dict), ("batches", batches.load_state_dict), ("rng", rng),
+                       ("step", lambda step: check_step(step, max_steps)), ("losses", check_losses)):
+        try:
+            load(state[part])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            detail = (str(e).splitlines() or [""])[0][:120]
+            raise UserError(f"--resume: the saved {part} state does not fit this run ({type(e).__name__}: {detail}); "
+                            "the file is damaged, or not saved by this project: --overwrite starts over") from None
     return Progress(state["step"], state["losses"])
+
+
+def load_optimizer_state(optimizer, saved):
+    """optimizer.load_state_dict, and a check it does not make: every saved buffer (Adam's moments, Muon's
+    momentum) has its weight's shape (a wrong one would fail only at the next step)."""
+    optimizer.load_state_dict(saved)
+    for opt in (optimizer, getattr(optimizer, "adamw", None)):         # Muon keeps an AdamW for the other weights
+        for p, buffers in (opt.state.items() if opt else ()):
+            for name, v in buffers.items():
+                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                    raise ValueError(f"{name} {tuple(v.shape)} for a weight of {tuple(p.shape)}")
+
+
+def check_step(step, max_steps):
+    if type(step) is not int or not 0 <= step <= max_steps:
+        raise ValueError(f"step {step!r}, not an integer from 0 to --max-steps {max_steps}")
+
+
+def check_losses(losses):
+    if not isinstance(losses, list) or not all(isinstance(v, float) for v in losses):
+        raise TypeError("not a list of numbers")
 
 
 def checkpoint_dict(model, ema, optimizer, scheduler, batches, progress, tcfg):
@@ -499,8 +531,8 @@ def main():
     progress = Progress()
     if ckpt:
         load_weights(model, ckpt["model"], args.out)
-        ema.load_state_dict(ckpt["ema"])
-        progress = restore_training_state(ckpt, optimizer, scheduler, batches)
+        load_weights(ema, ckpt["ema"], args.out)
+        progress = restore_training_state(ckpt, optimizer, scheduler, batches, tcfg.max_steps)
         if is_main:
             print(f"resuming {args.out} at step {progress.step}/{tcfg.max_steps}")
     if is_main:

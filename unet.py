@@ -184,7 +184,8 @@ def check_model_config(cfg):
         raise UserError(f"every width must be a positive multiple of heads={cfg.heads}, and of 8 above 8 "
                         f"(GroupNorm's 8 groups) (got {cfg.widths})")
     if cfg.context_tokens < 1 or cfg.context_dim < 1 or cfg.time_dim < 2 or cfg.time_dim % 2:
-        raise UserError("context_tokens, context_dim must be positive and time_dim even")
+        raise UserError(f"need context_tokens >= 1, context_dim >= 1 and an even time_dim >= 2 (got "
+                        f"{cfg.context_tokens}, {cfg.context_dim}, {cfg.time_dim})")
     if not 0 < cfg.beta_start < cfg.beta_end < 1 or cfg.T < 1:
         raise UserError(f"need 0 < beta_start < beta_end < 1 and T >= 1 (got {cfg.beta_start}, {cfg.beta_end}, {cfg.T})")
     check_signal_left(Schedule(cfg.T, cfg.beta_start, cfg.beta_end))

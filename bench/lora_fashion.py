@@ -214,7 +214,8 @@ def main():
                         help="smoke test: 3 steps, 2 samples per label, unless --steps or --per-label says otherwise")
     args = parser.parse_args()
     if not os.path.isfile(args.base):
-        raise UserError(f"--base {args.base}: not found (train one with python train.py)")
+        raise UserError(f"--base {args.base}: " + ("is a folder, not a model file" if os.path.isdir(args.base)
+                                                   else "not found (train one with python train.py)"))
     if not args.classifier_seeds or len(set(args.classifier_seeds)) < len(args.classifier_seeds):
         raise UserError(f"--classifier-seeds: give each seed once, e.g. 0,1,2 (got {args.classifier_seeds or 'none'})")
     if len(set(args.strict_seeds)) < len(args.strict_seeds):

@@ -31,6 +31,11 @@ from conftest import ROOT, TRAIN_FLAGS, _env, check_ok, check_user_error, run_py
 FILES = [("missing", "nope.pt", "{} file"), ("empty", "empty.pt", "is empty (0 bytes), not a {}"),
          ("truncated", "truncated.pt", "is not a readable {}"), ("text", "notes.txt", "is not a readable {}")]
 
+# (file name, the part named in its error): train checkpoints with one part of their training state damaged
+DAMAGED_PARTS = [("optimizer", "optimizer"), ("moment", "optimizer"), ("scheduler", "scheduler"),
+                 ("no_batches", "batches"), ("order", "batches"), ("rng", "rng"), ("step", "step"),
+                 ("step_past_end", "step"), ("losses", "losses")]
+
 CASES = [
     # unreadable files, and files of the other kind
     *[(f"denoise-checkpoint-{k}", "denoise.py", ["--checkpoint", f"{{in}}/{f}"], [f, m.format("model")])
@@ -172,8 +177,15 @@ CASES = [
      ["--resume", "other images", "same --data"]),
     ("train-resume-fewer-images", "train.py --resume", ["--out", "{in}/model.pt", "--data", "{in}/few_digits"],
      ["--resume", "other images", "10 images"]),
+    # --resume from a file whose training state is damaged: one line naming the part (each failed in PyTorch's own
+    # loaders with a traceback, or at the next step)
+    *[(f"train-resume-damaged-{name}", "train.py --resume", ["--out", f"{{in}}/damaged_{name}.pt"],
+       ["--resume", f"saved {part} state", "--overwrite"]) for name, part in DAMAGED_PARTS],
+    ("train-resume-damaged-ema", "train.py --resume", ["--out", "{in}/damaged_ema.pt"], ["damaged_ema.pt", "does not fit"]),
     # files of the right kind whose contents no run writes
     ("denoise-checkpoint-nan", "denoise.py", ["--checkpoint", "{in}/nan.pt"], ["nan.pt", "not finite"]),
+    ("denoise-checkpoint-overflows", "denoise.py", ["--checkpoint", "{in}/huge.pt", "--precision", "fp32"],
+     ["sampling overflowed", "nan or inf"]),      # (finite weights whose images would be saved black)
     ("denoise-lora-nan", "denoise.py", ["--lora", "{in}/lora_nan.pt"], ["lora_nan.pt", "not finite"]),
     ("denoise-lora-rank-0", "denoise.py", ["--lora", "{in}/lora_rank0.pt"], ["lora_rank0.pt", "rank 0"]),
     ("inspect-lora-alpha-nan", "lora.py", ["--inspect", "{in}/lora_alpha_nan.pt"], ["lora_alpha_nan.pt", "alpha nan"]),
@@ -197,6 +209,7 @@ CASES = [
      ["--weights ema or raw"]),
     ("inspect-lora-tensors-do-not-fit", "lora.py", ["--inspect", "{in}/lora_bad_shape.pt"], ["do not fit each other"]),
     ("inspect-lora-target-unknown", "lora.py", ["--inspect", "{in}/lora_wz.pt"], ["'Wz'"]),
+    ("train-time-dim-odd", "train.py", ["--time-dim", "3"], ["an even time_dim", "got 2, 8, 3"]),
     ("unet-demo-unknown-flag", "unet.py", ["--bogus"], ["unrecognized", "--bogus"]),
     ("config-demo-unknown-flag", "config.py", ["--widths", "8"], ["unrecognized", "--widths"]),
 ]
@@ -275,6 +288,11 @@ def inputs(tmp_path_factory, base_run, lora_run, image_folder):
     ckpt["ema"]["module.head.2.weight"][0] = float("nan")     # a run that diverged
     torch.save(ckpt, d / "nan.pt")
     ckpt = load(base_run["ckpt"])
+    for v in ckpt["ema"].values():
+        if v.is_floating_point():
+            v *= 1e15                                       # finite, but the network overflows
+    torch.save(ckpt, d / "huge.pt")
+    ckpt = load(base_run["ckpt"])
     del ckpt["ema"]
     torch.save(ckpt, d / "no_ema.pt")
     ckpt = load(base_run["ckpt"])
@@ -302,6 +320,22 @@ def inputs(tmp_path_factory, base_run, lora_run, image_folder):
     lora = load(lora_run["lora"])
     lora["targets"] = ["Wz"]
     torch.save(lora, d / "lora_wz.pt")
+    def first_buffer(state):               # the first optimizer buffer with a weight's shape (Muon's momentum)
+        return next(k for k, v in state["optimizer"]["state"].items() if v["momentum"].dim())
+    damage = {"optimizer": lambda c: c.update(optimizer={}),
+              "moment": lambda c: c["optimizer"]["state"][first_buffer(c)].update(momentum=torch.zeros(3)),
+              "scheduler": lambda c: c.update(scheduler={"foo": 1}),
+              "no_batches": lambda c: c.pop("batches"),
+              "order": lambda c: c["batches"].update(order=c["batches"]["order"] + 1000),
+              "rng": lambda c: c["rng"].update(cpu=torch.zeros(5, dtype=torch.uint8)),
+              "step": lambda c: c.update(step=-3),
+              "step_past_end": lambda c: c.update(step=100),
+              "losses": lambda c: c.update(losses="abc"),
+              "ema": lambda c: c["ema"].pop("module.head.2.bias")}
+    for name, change in damage.items():
+        ckpt = load(base_run["ckpt"])
+        change(ckpt)
+        torch.save(ckpt, d / f"damaged_{name}.pt")
     write_image_folder(d / "other_digits", seed=1)           # as many images as digits/, other ones
     write_image_folder(d / "few_digits", per_label=1)
     (d / "figures" / "samples.png").mkdir(parents=True)      # a folder where denoise.py writes a figure

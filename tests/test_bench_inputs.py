@@ -38,6 +38,7 @@ CASES = [
      ["--figures", "is a file"]),
     ("lora-fashion-work-is-a-file", "bench/lora_fashion.py",
      ["--base", "{ckpt}", "--quick", "--runs", "base", "--work", "{file}"], ["--work", "is a file"]),
+    ("lora-fashion-base-is-a-folder", "bench/lora_fashion.py", ["--base", "{tmp}"], ["is a folder, not a model file"]),
     ("lora-fashion-steps-not-a-number", "bench/lora_fashion.py", ["--base", "{ckpt}", "--steps", "x"],
      ["--steps", "got x"]),
     ("lora-fashion-seed-too-large", "bench/lora_fashion.py", ["--base", "{ckpt}", "--seed", "99999999999999999999"],

@@ -166,3 +166,20 @@ def test_float_tiff_pixels(tmp_path):
         Image.fromarray(bad, "F").save(tmp_path / "d" / "0" / "c_bad.tif")
         with pytest.raises(UserError, match="c_bad.tif holds floating-point pixels"):
             load_images(str(tmp_path / "d"), None, 28)
+
+
+def test_32_bit_integer_tiff_pixels(tmp_path):
+    """32-bit integer images (Pillow's mode I, e.g. a numpy int32 array saved as TIFF): 0..255 is kept (it was
+    read as 16-bit, so 255 became 1, a black digit), 0..65535 is scaled as 16-bit, and any other range is one
+    line naming the file."""
+    (tmp_path / "d" / "0").mkdir(parents=True)
+    ramp = np.arange(28 * 28, dtype=np.int32).reshape(28, 28) % 256
+    Image.fromarray(ramp, "I").save(tmp_path / "d" / "0" / "a_bytes.tif")
+    Image.fromarray(ramp * 257, "I").save(tmp_path / "d" / "0" / "b_words.tif")
+    images, _ = load_images(str(tmp_path / "d"), None, 28)
+    assert torch.equal(images[0, 0], torch.from_numpy(ramp.astype(np.uint8)))
+    assert torch.equal(images[1, 0], torch.from_numpy(ramp.astype(np.uint8)))
+    for bad in (ramp - 1, ramp + 65536):
+        Image.fromarray(bad, "I").save(tmp_path / "d" / "0" / "c_bad.tif")
+        with pytest.raises(UserError, match="c_bad.tif holds integer pixels"):
+            load_images(str(tmp_path / "d"), None, 28)

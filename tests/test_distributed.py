@@ -197,7 +197,7 @@ def test_resume_refuses_another_number_of_processes():
     by 2 processes cannot be resumed by 1, and the message says how to resume it."""
     images, labels = torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.arange(10)
     with pytest.raises(UserError, match="nproc_per_node=2"):
-        restore_training_state({"world_size": 2}, None, None, Batches(images, labels, 4, seed=0))
+        restore_training_state({"world_size": 2}, None, None, Batches(images, labels, 4, seed=0), 10)
 
 
 @pytest.mark.parametrize("n,batch_size", [(24, 4), (25, 4), (7, 2)])
