@@ -350,7 +350,8 @@ def check_not_input(path, inputs):
     """Refuse to write `path` over one of a command's inputs ([(flag, path)]) or into a folder of inputs (--data:
     a figure written among the images would be learnt from next time)."""
     for flag, p in inputs:
-        inside = os.path.isdir(p) and os.path.commonpath([os.path.abspath(path), os.path.abspath(p)]) == os.path.abspath(p)
+        real = os.path.realpath(p)                   # (through links: a link to the folder is the folder)
+        inside = os.path.isdir(p) and os.path.commonpath([os.path.realpath(path), real]) == real
         if inside or (os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p)):
             raise UserError(f"{path} is {'inside ' if inside else ''}this command's {flag} (an input); "
                             "choose another file to write")

@@ -110,6 +110,14 @@ def read_idx(path, kind):
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
 
 
+def data_inputs(data, data_root):
+    """What a run reads as its data, [(flag, path)], for config.check_not_input: the --data folder, or the raw
+    files of a named dataset under --data-root (a figure or checkpoint written over them would lose them)."""
+    if data in NAMED:
+        return [("--data-root", os.path.join(data_root, NAMED[data], "raw"))]
+    return [("--data", data)]
+
+
 def load_torchvision(name, root):
     """MNIST or Fashion-MNIST's 60,000 training images. Files already in root/NAME/raw (gzipped or
     not) are read as they are; otherwise torchvision downloads them into root."""
@@ -222,7 +230,7 @@ def main():
     args = parser.parse_args()
     make_folder(os.path.dirname(args.out), flag="--out's folder")
     check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"),   # a figure, or asked
-                     inputs=[("--data", args.data)])
+                     inputs=data_inputs(args.data, args.data_root))
     images, labels = load_images(args.data, args.data_root, 28)
     counts = torch.bincount(labels).tolist()
     print(f"{len(images)} images {tuple(images.shape[1:])} {images.dtype}, "

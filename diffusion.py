@@ -11,7 +11,7 @@ import os
 import torch
 
 from config import LIMITS, ModelConfig, Parser, SampleConfig, UserError, check_new_output, make_folder, number, run_main
-from dataset import load_images, to_model_range
+from dataset import data_inputs, load_images, to_model_range
 from figures import save_process_figure
 
 
@@ -202,7 +202,7 @@ def main():
     args = parser.parse_args()
     make_folder(os.path.dirname(args.out), flag="--out's folder")
     check_new_output(args.out, None, args.overwrite or args.out.lower().endswith(".png"),   # a figure, or asked
-                     inputs=[("--data", args.data)])
+                     inputs=data_inputs(args.data, args.data_root))
     cfg = ModelConfig()
     images, labels = load_images(args.data, args.data_root, cfg.image_size)
     if args.index >= len(images):

@@ -15,7 +15,7 @@ import torch
 
 from config import (FinetuneConfig, UserError, add_config_flags, atomic_save, check_new_output,
                     config_from_dict, load_file, make_folder, run_main)
-from dataset import Batches, load_images
+from dataset import Batches, data_inputs, load_images
 from diffusion import Schedule
 from lora import (check_base_fingerprint, check_lora_targets, fingerprint, inject_lora, load_lora_state_dict, lora_file_dict,
                   lora_plus_groups, mark_only_lora_trainable)
@@ -128,7 +128,7 @@ def parse_args():
     args = parser.parse_args()
     if args.out is None:
         args.out = "full.pt" if args.full else "lora.pt"
-    inputs = [("--base", args.base), ("--data", args.data)]
+    inputs = [("--base", args.base), *data_inputs(args.data, args.data_root)]
     check_new_output(args.out, args.resume, args.overwrite, inputs)
     if args.lora_targets is not None:
         check_lora_targets(args.lora_targets)                 # before loading any data

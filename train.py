@@ -27,7 +27,7 @@ from tqdm import tqdm
 from config import (ModelConfig, Parser, TrainConfig, UserError, add_config_flags, apply_config_flags, atomic_save,
                     autocast_dtype, check_new_output, check_resume, config_from_dict, load_file, make_folder, number,
                     pick_device, run_main)
-from dataset import Batches, load_images
+from dataset import Batches, data_inputs, load_images
 from diffusion import Schedule, backward_denoise, forward_diffusion
 from figures import save_grid, save_loss_curve, to_uint8
 from unet import UNet, check_model_config, count_parameters, load_weights
@@ -508,8 +508,9 @@ def resolve_train_config(args, defaults, n_images, saved=None, world=1):
 
 def main():
     args = parse_args()
-    check_new_output(args.out, args.resume, args.overwrite, inputs=[("--data", args.data)])
-    make_folder(args.out_dir, figure_names("train"), [("--out", args.out)], [("--data", args.data)])
+    inputs = data_inputs(args.data, args.data_root)
+    check_new_output(args.out, args.resume, args.overwrite, inputs)
+    make_folder(args.out_dir, figure_names("train"), [("--out", args.out)], inputs)
     rank, world, device = setup_distributed(args.device)     # torchrun: this is process `rank` of `world`
     is_main = rank == 0                                       # only the main process prints and writes files
     ckpt = load_file(args.out, "model") if args.resume else None

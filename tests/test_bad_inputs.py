@@ -170,6 +170,17 @@ CASES = [
     ("denoise-figure-name-is-a-folder", "denoise.py", ["--out-dir", "{in}/figures"], ["samples.png", "is a folder"]),
     ("diffusion-out-below-a-file", "diffusion.py", ["--out", "{in}/notes.txt/x.png"], ["notes.txt", "not a folder"]),
     ("dataset-out-below-a-file", "dataset.py", ["--out", "{in}/notes.txt/x.png"], ["notes.txt", "not a folder"]),
+    # the inputs a command reads are never written over, --overwrite or not: a named dataset's raw files under
+    # --data-root, and --data reached through a link
+    *[(f"{script.split('.')[0]}-out-over-a-raw-file", script,
+       ["--data", "fashion-mnist", "--data-root", "{in}/root", "--out", "{in}/root/FashionMNIST/raw/train-images-idx3-ubyte.gz",
+        "--overwrite"], ["train-images-idx3-ubyte.gz", "inside this command's --data-root"])
+      for script in ("dataset.py", "diffusion.py", "train.py")],
+    ("finetune-out-dir-among-raw-files", "lora_finetune.py",
+     ["--data", "fashion-mnist", "--data-root", "{in}/root", "--out-dir", "{in}/root/FashionMNIST/raw"],
+     ["inside this command's --data-root"]),
+    ("dataset-out-into-data-through-a-link", "dataset.py", ["--out", "{in}/digits_link/0/x.png"],
+     ["digits_link/0/x.png", "inside this command's --data"]),
     # --resume: only the run's own data, and not with --overwrite
     ("train-resume-and-overwrite", "train.py --resume", ["--out", "{in}/model.pt", "--overwrite"],
      ["--resume", "--overwrite"]),
@@ -336,6 +347,9 @@ def inputs(tmp_path_factory, base_run, lora_run, image_folder):
         ckpt = load(base_run["ckpt"])
         change(ckpt)
         torch.save(ckpt, d / f"damaged_{name}.pt")
+    (d / "root" / "FashionMNIST" / "raw").mkdir(parents=True)       # (refused before anything reads them)
+    (d / "root" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"the user's images")
+    (d / "digits_link").symlink_to("digits")                     # (relative: the copy of each case links to its own)
     write_image_folder(d / "other_digits", seed=1)           # as many images as digits/, other ones
     write_image_folder(d / "few_digits", per_label=1)
     (d / "figures" / "samples.png").mkdir(parents=True)      # a folder where denoise.py writes a figure
@@ -441,7 +455,7 @@ def cli(tmp_path_factory):
 
 def run_case(cli, inputs, tmp_path, script, args):
     """Copy the inputs into tmp_path, run the case, and return (result, snapshot before, after)."""
-    shutil.copytree(inputs, tmp_path / "in")
+    shutil.copytree(inputs, tmp_path / "in", symlinks=True)
     before = snapshot(tmp_path)
     result = cli.run(*command(script, args, tmp_path / "in", tmp_path))
     return result, before, snapshot(tmp_path)
@@ -474,7 +488,7 @@ train.run_main(train.main)
 
 
 def test_loss_not_finite_stops_and_keeps_the_checkpoint(cli, inputs, tmp_path):
-    shutil.copytree(inputs, tmp_path / "in")
+    shutil.copytree(inputs, tmp_path / "in", symlinks=True)
     before = snapshot(tmp_path)
     _, *argv = command("train.py", ["--out", "{in}/model.pt", "--max-steps", "3", "--overwrite"], tmp_path / "in", tmp_path)
     check_user_error(cli.run(None, *argv, code=NAN_LOSS), "loss became nan", "at step 1", "--lr")
@@ -497,7 +511,7 @@ def test_a_refused_first_run_leaves_no_folder_behind(tmp_path):
 def test_bad_input_in_a_fresh_interpreter(inputs, tmp_path, case):
     """The same one-line error from a plain `python SCRIPT ARGS`, as a user runs it (not through the fork server)."""
     script, args, fragments = next(c[1:] for c in CASES if c[0] == case)
-    shutil.copytree(inputs, tmp_path / "in")
+    shutil.copytree(inputs, tmp_path / "in", symlinks=True)
     check_user_error(run_script(*command(script, args, tmp_path / "in", tmp_path)), *fragments)
 
 
@@ -533,7 +547,7 @@ train.run_main(train.main)
 def test_second_ctrl_c_quits_at_once_and_keeps_the_old_checkpoint(cli, inputs, tmp_path, when):
     """A second Ctrl-C, during the step or while the new checkpoint is being written: exit 130 at once,
     no traceback, the checkpoint already at --out keeps its bytes, and no .tmp-* file is left behind."""
-    shutil.copytree(inputs, tmp_path / "in")
+    shutil.copytree(inputs, tmp_path / "in", symlinks=True)
     ckpt = tmp_path / "in" / "model.pt"
     before = snapshot(tmp_path)
     _, *argv = command("train.py", ["--out", str(ckpt), "--max-steps", "6", "--overwrite"], tmp_path / "in", tmp_path)
