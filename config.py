@@ -369,6 +369,18 @@ def check_new_output(path, resume, overwrite, inputs=()):
                         f"--overwrite replaces it, or choose another file name")
 
 
+def claim_folder(folder, flag, marker):
+    """A folder whose files a bench's runs replace (--overwrite): taken only if it is new, empty, or holds the
+    `marker` file an earlier run of that bench left there, never over a user's own files; marked then."""
+    real = os.path.realpath(folder)
+    if os.path.isdir(real) and os.listdir(real) and not os.path.isfile(os.path.join(real, marker)):
+        raise UserError(f"{flag} {folder} holds files this bench did not write (it has no {marker}): "
+                        "give a new or empty folder")
+    os.makedirs(real, exist_ok=True)
+    open(os.path.join(real, marker), "a").close()
+    return real
+
+
 def atomic_write(path, write):
     """Call write(tmp) on a temporary file beside `path`, then rename it to `path`: a crash or a second
     Ctrl-C while writing leaves the previous file as it was (the blog's listing writes a .tmp file and renames it too)."""

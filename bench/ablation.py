@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from bench.evaluate import DataError, UsageError, load_classifier, names, score, writable_folder  # noqa: E402
 from bench.knobs import Variant, sample  # noqa: E402
-from config import Parser, UserError, number, run_main  # noqa: E402
+from config import Parser, UserError, claim_folder, number, run_main  # noqa: E402
 from unet import load_model  # noqa: E402
 
 # training variants: run name -> train.py flags on top of the defaults. The rows that switch one older change
@@ -108,9 +108,12 @@ def train(name, flags, args):
     """Train one variant into runs_dir/name unless it is already there; returns its train.json."""
     folder = Path(args.runs_dir) / name
     record = folder / "train.json"
-    if record.exists():
-        return json.loads(record.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
+    if record.is_file():
+        try:
+            return json.loads(record.read_text())
+        except ValueError:                   # (not JSON): not what train() writes
+            raise UserError(f"{record} is not a record this bench wrote; remove {folder} to train {name} again") from None
+    claim_folder(folder, f"--runs-dir's {name}", ".ablation-run")   # train.py --overwrite replaces files there
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", args.data, "--out", str(folder / "model.pt"),
            "--out-dir", str(folder), "--overwrite", *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None

@@ -181,6 +181,9 @@ def _idx_split(folder, prefix):
     images, labels = out
     if len(images) != len(labels):
         raise DataError(f"{folder}: its {prefix} files hold {len(images):,d} images and {len(labels):,d} labels")
+    if images.shape[1:] != (28, 28) or len(labels) and labels.max() > 9:   # (the classifiers read 28x28, 10 classes)
+        raise DataError(f"{folder}: its {prefix} files hold images of {tuple(images.shape[1:])} and labels up to "
+                        f"{int(labels.max()) if len(labels) else None}; expected 28x28 images and labels 0..9")
     return images.unsqueeze(1).contiguous(), labels.long()
 
 
@@ -218,6 +221,8 @@ def _load_png_folder(folder, cache_dir, fingerprint=None):
                 continue
             try:
                 with Image.open(f) as im:
+                    if im.mode.startswith(("I", "F")):     # convert("L") clips 16-bit and float pixels: refuse them
+                        raise DataError(f"{f}: {im.mode} pixels (16/32-bit); the evaluator reads 8-bit images")
                     im = im.convert("L")
                     if im.size != (28, 28):
                         im = im.resize((28, 28), Image.BILINEAR)
@@ -238,23 +243,27 @@ def _load_png_folder(folder, cache_dir, fingerprint=None):
     return images, labels
 
 
+def data_folders(data_root=None, mnist_folder=None):
+    """The folders load_real reads: Fashion-MNIST's raw files, the MNIST image folder, MNIST's raw files. Resolved,
+    so that `source` (the cached classifier's key) names the data alike however the path is written (../shared/data
+    or /work/shared/data): otherwise each spelling retrains the classifier over the other's cache."""
+    data_root = Path(data_root if data_root is not None else DEFAULT_DATA_ROOT).resolve()
+    folder = Path(mnist_folder).resolve() if mnist_folder is not None else data_root / "mnist-t10k"
+    return data_root / "FashionMNIST" / "raw", folder, data_root / "MNIST" / "raw"
+
+
 def load_real(domain, data_root=None, mnist_folder=None, cache_dir=None, seed=0):
     """Real images split into a classifier-training part and a held-out part.
     Returns dict(train_x, train_y, held_x, held_y, source) with uint8 images (N,1,28,28)."""
-    # Resolved, so that `source` (the cached classifier's key) names the data alike however the path is written
-    # (../shared/data or /work/shared/data): otherwise each spelling retrains the classifier over the other's cache.
-    data_root = Path(data_root if data_root is not None else DEFAULT_DATA_ROOT).resolve()
+    raw, folder, tv_raw = data_folders(data_root, mnist_folder)
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     if domain == "fashion":
-        raw = data_root / "FashionMNIST" / "raw"
         tx, ty = _idx_split(raw, "train")
         hx, hy = _idx_split(raw, "t10k")
         return dict(train_x=tx, train_y=ty, held_x=hx, held_y=hy,
                     source=f"FashionMNIST {raw} (train 60k -> classifier, test 10k -> held out)")
     if domain != "mnist":
         raise UsageError(f"unknown domain {domain!r}, expected one of {DOMAINS}")
-    folder = Path(mnist_folder).resolve() if mnist_folder is not None else data_root / "mnist-t10k"
-    tv_raw = data_root / "MNIST" / "raw"
     if mnist_folder is None and not folder.is_dir() and tv_raw.is_dir():
         tx, ty = _idx_split(tv_raw, "train")
         hx, hy = _idx_split(tv_raw, "t10k")
@@ -522,10 +531,10 @@ def label_traces(feats, labels):
 def within_label_spread(feats, labels, ref_traces):
     """How varied each label's samples are against real images of that label: tr(cov) of the label's
     features over the reference's (ref_traces, from label_traces), per label ({label: ratio}; labels with
-    under 2 samples, or none in the reference, are left out). 1: as varied as real images; below 1: too alike
-    (guidance narrows each label); above 1: too scattered (samples of other labels, or broken ones). FD mixes
-    this with how far the means lie apart; this says which way the samples' spread is off."""
-    return {c: round(trace / ref_traces[c], 3) for c, trace in label_traces(feats, labels).items() if c in ref_traces}
+    under 2 samples, or none or no spread in the reference, are left out). 1: as varied as real images;
+    below 1: too alike (guidance narrows each label); above 1: too scattered (samples of other labels, or
+    broken ones). FD mixes this with how far the means lie apart; this says which way the spread is off."""
+    return {c: round(trace / ref_traces[c], 3) for c, trace in label_traces(feats, labels).items() if ref_traces.get(c)}
 
 
 def mean_spread(ratios):
@@ -746,6 +755,11 @@ def main(argv=None):
         p.error("--export-train-split is for --domain mnist (Fashion-MNIST's own train split is the one to use)")
     if a.mnist_folder is not None and a.domain != "mnist":
         p.error("--mnist-folder is for --domain mnist (Fashion-MNIST is read from --data-root)")
+    for flag, out in (("--export-train-split", a.export_train_split), ("--cache-dir", a.cache_dir)):
+        inside = [f for f in data_folders(a.data_root, a.mnist_folder)
+                  if out is not None and f.is_dir() and Path(os.path.realpath(out)).is_relative_to(f)]
+        if inside:              # (files written among the digits would be read as digits, or change their key)
+            p.error(f"{flag} {out} is inside {inside[0]}, data this command reads; choose a folder outside it")
     torch.set_num_threads(a.threads)
     try:
         if a.export_train_split is not None:

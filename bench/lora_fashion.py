@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.evaluate import names, writable_folder  # noqa: E402
-from config import LIMITS, FinetuneConfig, Parser, UserError, number, numbers, run_main  # noqa: E402
+from config import LIMITS, FinetuneConfig, Parser, UserError, claim_folder, number, numbers, run_main  # noqa: E402
 
 # name: lora_finetune.py flags (beyond the shared ones in fine_tune). The blog's targets first, then what
 # each of the default's three choices buys: LoRA+ (B's lr 16 x A's), rank 4 on the convs' bottleneck, and the
@@ -225,15 +225,7 @@ def main():
     if args.per_label is None:
         args.per_label = 2 if args.quick else 100
     args.base = os.path.abspath(args.base)
-    work = Path(args.work).resolve()
-    # Its children replace files in --work (--overwrite): only in a folder this bench made or found empty, and
-    # marked then, never over a user's own files.
-    marker = work / ".lora_fashion-work"
-    if work.is_dir() and any(work.iterdir()) and not marker.is_file():
-        raise UserError(f"--work {args.work} holds files this bench did not write (it has no {marker.name}): "
-                        "give a new or empty folder")
-    work.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    work = Path(claim_folder(args.work, "--work", ".lora_fashion-work"))     # its children replace files there
     rows, samples, lora_files = [], {}, {}
     for name in args.runs:
         flags = RUNS[name]

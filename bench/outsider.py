@@ -122,6 +122,9 @@ def score(images, labels, other, seed, data_root=None, mnist_folder=None, cache_
         own.append(dist(f_t10k[_draw_like(labels, info["held_y"], g)[0]]))
         rest.append(dist(f_other[perm[:len(ox) // 5]]))
     fd, own, rest = (sum(v) / FLOOR_DRAWS for v in (fd, own, rest))
+    if not own > 0 < rest:
+        raise DataError("the reference digits are all alike (a floor of 0 against other writers' digits): "
+                        "nothing to compare the samples with")
     return dict(seed=seed, n=len(images), other_n=len(ox), ceiling=ceiling, accuracy=hit.mean().item(),
                 per_label=per_label, fd=fd, own_floor=own, other_floor=rest, fd_own=fd / own, fd_other=fd / rest,
                 t10k_other=own / rest)

@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.evaluate import names  # noqa: E402
 from bench.knobs import check_bench_model  # noqa: E402
 from config import (LIMITS, FinetuneConfig, ModelConfig, Parser, SampleConfig, TrainConfig, atomic_save,  # noqa: E402
-                    autocast_dtype, number, pick_device, run_main)
+                    UserError, autocast_dtype, number, pick_device, run_main)
 from dataset import Batches  # noqa: E402
 from diffusion import Schedule, backward_denoise, guidance_at, timesteps  # noqa: E402
 from lora import (LoraConv2d, LoraEmbedding, inject_lora, lora_layers, mark_only_lora_trainable,  # noqa: E402
@@ -340,8 +340,9 @@ def measure_lora_training(plan, checkpoint, device):
 def wall_seconds(cmd, env):
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    if done.returncode:                  # one line: the child's own last line (its `error: ...`)
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1].removeprefix("error: ")
+        raise UserError(f"{os.path.basename(cmd[1])} failed (exit {done.returncode}): {last}")
     return time.perf_counter() - start
 
 

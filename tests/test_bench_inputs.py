@@ -4,8 +4,10 @@ evaluator's cache of an image folder follows the folder's contents. Fast: the ca
 in test_bad_inputs.py's fork server (torch imported once); nothing trains for real but the evaluator's tiny CNN."""
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bench.evaluate as ev
 from conftest import check_ok, check_user_error, write_image_folder
@@ -171,16 +173,31 @@ def test_evaluate_passes_over_a_named_pipe(cli, tmp_path):
     assert result.stdout.split()[-1] == "10"
 
 
-@pytest.mark.parametrize("damage", ["cut-gz", "not-gz", "short", "counts"])
+def test_evaluate_refuses_16_bit_images_in_one_line(tmp_path):
+    """convert("L") would clip a 16-bit PNG's every nonzero pixel to 255: the evaluator refuses it instead."""
+    folder = write_image_folder(tmp_path / "digits", per_label=1)
+    Image.fromarray(np.full((28, 28), 20000, dtype=np.uint16)).save(folder / "4" / "deep.png")
+    with pytest.raises(ev.DataError, match="deep.png: I;16 pixels"):
+        ev.load_real("mnist", mnist_folder=folder, cache_dir=tmp_path / "cache")
+
+
+def test_spread_leaves_out_a_label_without_spread_in_the_reference():
+    """Reference images of a label all alike (a trace of 0) leave that label out, not a ZeroDivisionError."""
+    feats, labels = torch.randn(6, 3), torch.tensor([0, 0, 0, 1, 1, 1])
+    assert list(ev.within_label_spread(feats, labels, {0: 0.0, 1: 2.0})) == [1]
+
+
+@pytest.mark.parametrize("damage", ["cut-gz", "not-gz", "short", "counts", "32x32", "label-10"])
 def test_evaluate_refuses_damaged_raw_files_in_one_line(tmp_path, damage):
     """bench/evaluate.py reads --data-root's raw IDX files itself: damaged ones are a DataError (one line, exit 2
-    through main), not an EOFError, BadGzipFile or reshape error."""
+    through main), not an EOFError, BadGzipFile or reshape error; nor are images other than 28x28 or labels past
+    9, which the classifiers cannot read (a shape error, an IndexError, or a reader of 32x32 images)."""
     import gzip
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    n_labels = 3 if damage == "counts" else 4
-    images = (2051).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (4, 28, 28)) + bytes(4 * 784)
-    labels = (2049).to_bytes(4, "big") + n_labels.to_bytes(4, "big") + bytes(n_labels)
+    n_labels, side = 3 if damage == "counts" else 4, 32 if damage == "32x32" else 28
+    images = (2051).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (4, side, side)) + bytes(4 * side ** 2)
+    labels = (2049).to_bytes(4, "big") + n_labels.to_bytes(4, "big") + bytes([10 if damage == "label-10" else 0] * n_labels)
     if damage == "short":
         images = images[:-100]
     for name, data in (("t10k-images-idx3-ubyte.gz", images), ("t10k-labels-idx1-ubyte.gz", labels)):
@@ -205,12 +222,44 @@ MORE_CASES = [
     ("lora-fashion-figures-unwritable", "bench/lora_fashion.py",
      ["--base", "{ckpt}", "--quick", "--runs", "base", "--work", "{tmp}/W", "--figures", "/proc/lff"],
      ["--figures", "cannot write"]),
+    # no output among the digits the evaluator reads (they would be read as digits, or change the cache's key)
+    ("evaluate-cache-dir-inside-the-digits", "bench/evaluate.py",
+     ["{samples}", "--mnist-folder", "{digits}", "--cache-dir", "{digits}/0"], ["--cache-dir", "is inside", "data this command reads"]),
+    ("evaluate-export-into-the-digits", "bench/evaluate.py", ["--export-train-split", "{digits}/new", "--mnist-folder", "{digits}"],
+     ["--export-train-split", "is inside"]),
 ]
 
 
 @pytest.mark.parametrize("script,args,fragments", [pytest.param(*case[1:], id=case[0]) for case in MORE_CASES])
 def test_more_bad_bench_input(cli, shared, tmp_path, script, args, fragments):
     test_bad_bench_input(cli, shared, tmp_path, script, args, fragments)
+
+
+def test_speed_child_failure_is_one_line(cli, base_run, tmp_path):
+    """denoise.py failing inside bench/speed.py (here: weights that overflow) is one line with the child's own
+    error, not the command line and the child's whole stderr."""
+    ckpt = torch.load(base_run["ckpt"], weights_only=True)
+    for v in ckpt["ema"].values():
+        if v.is_floating_point():
+            v *= 1e15
+    torch.save(ckpt, tmp_path / "huge.pt")
+    check_user_error(cli.run("bench/speed.py", "--quick", "--checkpoint", tmp_path / "huge.pt", "--parts", "cli"),
+                     "denoise.py failed (exit 2): sampling overflowed")
+
+
+def test_ablation_keeps_a_users_files_and_reads_only_its_own_records(cli, tmp_path):
+    """A run folder of --runs-dir that holds a user's file (train.py --overwrite would replace its model.pt and
+    log.txt) is refused before any work, the file kept; a train.json that is not JSON is one line, not a
+    traceback."""
+    run = tmp_path / "runs" / "default"
+    run.mkdir(parents=True)
+    (run / "log.txt").write_text("the user's own notes\n")
+    flags = ["--runs-dir", tmp_path / "runs", "--only", "default", "--data", tmp_path / "nodata"]
+    before = snapshot(tmp_path)
+    check_user_error(cli.run("bench/ablation.py", *flags), "--runs-dir's default", "did not write")
+    assert snapshot(tmp_path) == before
+    (run / "train.json").write_text("garbage")
+    check_user_error(cli.run("bench/ablation.py", *flags), "train.json is not a record this bench wrote")
 
 
 def test_lora_fashion_refuses_a_work_folder_of_the_users_files(cli, base_run, tmp_path):
