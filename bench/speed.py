@@ -342,7 +342,8 @@ def wall_seconds(cmd, env):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:                  # one line: the child's own last line (its `error: ...`)
         last = (done.stderr.strip().splitlines() or ["no message"])[-1].removeprefix("error: ")
-        raise UserError(f"{os.path.basename(cmd[1])} failed (exit {done.returncode}): {last}")
+        what = os.path.basename(cmd[1]) if cmd[1].endswith(".py") else "python " + cmd[1]     # (or the bare imports)
+        raise UserError(f"{what} failed (exit {done.returncode}): {last}")
     return time.perf_counter() - start
 
 
