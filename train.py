@@ -294,6 +294,7 @@ class Muon(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.adamw.load_state_dict(state_dict.pop("adamw"))
+        check_buffer_shapes(self.adamw)         # (its own momentum buffers: load_optimizer_state checks them)
         super().load_state_dict(state_dict)
 
 
@@ -445,11 +446,14 @@ def load_optimizer_state(optimizer, saved):
     """optimizer.load_state_dict, and a check it does not make: every saved buffer (Adam's moments, Muon's
     momentum) has its weight's shape (a wrong one would fail only at the next step)."""
     optimizer.load_state_dict(saved)
-    for opt in (optimizer, getattr(optimizer, "adamw", None)):         # Muon keeps an AdamW for the other weights
-        for p, buffers in (opt.state.items() if opt else ()):
-            for name, v in buffers.items():
-                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
-                    raise ValueError(f"{name} {tuple(v.shape)} for a weight of {tuple(p.shape)}")
+    check_buffer_shapes(optimizer)
+
+
+def check_buffer_shapes(optimizer):
+    for p, buffers in optimizer.state.items():
+        for name, v in buffers.items():
+            if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                raise ValueError(f"{name} {tuple(v.shape)} for a weight of {tuple(p.shape)}")
 
 
 def check_step(step, max_steps):
