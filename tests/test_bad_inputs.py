@@ -31,10 +31,23 @@ from conftest import ROOT, TRAIN_FLAGS, _env, check_ok, check_user_error, run_py
 FILES = [("missing", "nope.pt", "{} file"), ("empty", "empty.pt", "is empty (0 bytes), not a {}"),
          ("truncated", "truncated.pt", "is not a readable {}"), ("text", "notes.txt", "is not a readable {}")]
 
-# (file name, the part named in its error): train checkpoints with one part of their training state damaged
-DAMAGED_PARTS = [("optimizer", "optimizer"), ("moment", "optimizer"), ("scheduler", "scheduler"),
-                 ("no_batches", "batches"), ("order", "batches"), ("rng", "rng"), ("step", "step"),
-                 ("step_past_end", "step"), ("losses", "losses")]
+# Train checkpoints with one part of their training state damaged, written as damaged_NAME.pt by `inputs`:
+# {NAME: (the part its error names, the damage)}. Muon's optimizer keeps a momentum per matrix and an AdamW inside.
+DAMAGED = {
+    "optimizer": ("optimizer", lambda c: c.update(optimizer={})),
+    "moment": ("optimizer", lambda c: next(v for v in c["optimizer"]["state"].values()
+                                           if v["momentum"].dim()).update(momentum=torch.zeros(3))),
+    "adamw_moment": ("optimizer", lambda c: next(iter(c["optimizer"]["adamw"]["state"].values())).update(
+        exp_avg=torch.zeros(3))),
+    "scheduler": ("scheduler", lambda c: c.update(scheduler={"foo": 1})),
+    "no_batches": ("batches", lambda c: c.pop("batches")),
+    "order": ("batches", lambda c: c["batches"].update(order=c["batches"]["order"] + 1000)),
+    "rng": ("rng", lambda c: c["rng"].update(cpu=torch.zeros(5, dtype=torch.uint8))),
+    "step": ("step", lambda c: c.update(step=-3)),
+    "step_past_end": ("step", lambda c: c.update(step=100)),
+    "losses": ("losses", lambda c: c.update(losses="abc")),
+    "ema": ("ema", lambda c: c["ema"].pop("module.head.2.bias")),
+}
 
 CASES = [
     # unreadable files, and files of the other kind
@@ -191,7 +204,7 @@ CASES = [
     # --resume from a file whose training state is damaged: one line naming the part (each failed in PyTorch's own
     # loaders with a traceback, or at the next step)
     *[(f"train-resume-damaged-{name}", "train.py --resume", ["--out", f"{{in}}/damaged_{name}.pt"],
-       ["--resume", f"saved {part} state", "--overwrite"]) for name, part in DAMAGED_PARTS],
+       ["--resume", f"saved {part} state", "--overwrite"]) for name, (part, _) in DAMAGED.items() if part != "ema"],
     ("train-resume-damaged-ema", "train.py --resume", ["--out", "{in}/damaged_ema.pt"], ["damaged_ema.pt", "does not fit"]),
     # files of the right kind whose contents no run writes
     ("denoise-checkpoint-nan", "denoise.py", ["--checkpoint", "{in}/nan.pt"], ["nan.pt", "not finite"]),
@@ -331,19 +344,7 @@ def inputs(tmp_path_factory, base_run, lora_run, image_folder):
     lora = load(lora_run["lora"])
     lora["targets"] = ["Wz"]
     torch.save(lora, d / "lora_wz.pt")
-    def first_buffer(state):               # the first optimizer buffer with a weight's shape (Muon's momentum)
-        return next(k for k, v in state["optimizer"]["state"].items() if v["momentum"].dim())
-    damage = {"optimizer": lambda c: c.update(optimizer={}),
-              "moment": lambda c: c["optimizer"]["state"][first_buffer(c)].update(momentum=torch.zeros(3)),
-              "scheduler": lambda c: c.update(scheduler={"foo": 1}),
-              "no_batches": lambda c: c.pop("batches"),
-              "order": lambda c: c["batches"].update(order=c["batches"]["order"] + 1000),
-              "rng": lambda c: c["rng"].update(cpu=torch.zeros(5, dtype=torch.uint8)),
-              "step": lambda c: c.update(step=-3),
-              "step_past_end": lambda c: c.update(step=100),
-              "losses": lambda c: c.update(losses="abc"),
-              "ema": lambda c: c["ema"].pop("module.head.2.bias")}
-    for name, change in damage.items():
+    for name, (_, change) in DAMAGED.items():
         ckpt = load(base_run["ckpt"])
         change(ckpt)
         torch.save(ckpt, d / f"damaged_{name}.pt")
